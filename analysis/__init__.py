@@ -1,0 +1,1 @@
+"""Run directories -> tidy pandas tables (per-class ESS, rank correlations, method comparison)."""

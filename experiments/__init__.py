@@ -1,0 +1,1 @@
+"""Reproducible experiment entry points of CARROT (they call the ``reweight`` library)."""

@@ -1,0 +1,1 @@
+"""Figure scripts: run directories / tables -> PDF + PNG at paper column widths."""

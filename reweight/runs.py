@@ -1,0 +1,264 @@
+"""Run directories that protect themselves: atomic writes, checksummed checkpoints, a DONE marker.
+
+Layout of a run directory::
+
+    config.yaml        the resolved config (written first)
+    config_hash        hash of the config; a rerun with another config is refused
+    env.json           package versions, git commit, python, platform, device, seed
+    metrics.jsonl      one JSON line per outer step (rewritten atomically each step)
+    checkpoints/       step_XXXXXX.pt + step_XXXXXX.pt.sha256 (the last ``keep`` of them)
+    summary.json       final numbers
+    DONE               written last; analysis ignores runs without it
+    FAILED             written when the run stopped on an error (with the message)
+
+Every file is written to a temporary name in the same directory, flushed, fsynced and renamed,
+so a reader (or a killed run) never sees a half-written file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Optional
+
+import torch
+import yaml
+
+from .config import config_hash, to_dict
+from .errors import RunDirError
+
+__all__ = [
+    "RunDir",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "environment_info",
+    "load_checked",
+    "run_status",
+    "save_checked",
+    "sha256_bytes",
+]
+
+log = logging.getLogger(__name__)
+
+
+def sha256_bytes(data: bytes) -> str:
+    """Hex SHA-256 of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically (temporary file in the same directory, fsync, rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """Atomic text write (UTF-8)."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    """Atomic JSON write (sorted keys, indented, trailing newline) -- byte-identical for equal objects."""
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"Object of type {type(o).__name__} is not JSON serialisable")
+
+
+def save_checked(path: str | Path, obj: Any) -> str:
+    """``torch.save`` ``obj`` atomically with a ``.sha256`` sidecar; returns the checksum."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getvalue()
+    digest = sha256_bytes(data)
+    atomic_write_bytes(path, data)
+    atomic_write_text(str(path) + ".sha256", digest + "\n")
+    return digest
+
+
+def load_checked(path: str | Path) -> Any:
+    """Load a file written by :func:`save_checked`, verifying its checksum.
+
+    Raises:
+        RunDirError: if the file or its checksum is missing, or the checksum does not match
+            (truncated or corrupted file).
+    """
+    path = Path(path)
+    side = Path(str(path) + ".sha256")
+    if not path.is_file() or not side.is_file():
+        raise RunDirError(f"{path} or its checksum file is missing.")
+    data = path.read_bytes()
+    if sha256_bytes(data) != side.read_text().strip():
+        raise RunDirError(f"{path} is corrupted or truncated (checksum mismatch).")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=False)
+
+
+def _git_commit() -> Optional[str]:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root,
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def environment_info(seed: Optional[int] = None, device: Optional[str] = None) -> Dict[str, Any]:
+    """Package versions, git commit, python, platform, threads, device and seed of this process."""
+    from importlib import metadata
+
+    versions = {}
+    for pkg in ("torch", "torchvision", "timm", "numpy", "scipy", "pandas", "scikit-learn",
+                "backpack-for-pytorch", "higher", "mlxtend", "matplotlib"):
+        try:
+            versions[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            versions[pkg] = None
+    return {
+        "packages": versions,
+        "git_commit": _git_commit(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch_threads": torch.get_num_threads(),
+        "device": device,
+        "seed": seed,
+    }
+
+
+def run_status(path: str | Path) -> str:
+    """``finished`` (DONE), ``failed`` (FAILED), ``incomplete`` (killed or running) or ``empty``."""
+    p = Path(path)
+    if (p / "DONE").is_file():
+        return "finished"
+    if (p / "FAILED").is_file():
+        return "failed"
+    if (p / "config.yaml").is_file():
+        return "incomplete"
+    return "empty"
+
+
+class RunDir:
+    """A run directory bound to one config.
+
+    Args:
+        path: the directory.
+        cfg: the resolved config dataclass (its hash guards the directory).
+        overwrite: allow reusing a directory created by a different config (its files are replaced).
+
+    Raises:
+        RunDirError: if ``path`` holds a run of a different config and ``overwrite`` is False.
+    """
+
+    def __init__(self, path: str | Path, cfg: Any, overwrite: bool = False, keep: int = 2):
+        self.path = Path(path)
+        self.cfg = cfg
+        self.keep = keep
+        self.hash = config_hash(cfg)
+        old = self.path / "config_hash"
+        if old.is_file() and old.read_text().strip() != self.hash:
+            if not overwrite:
+                raise RunDirError(
+                    f"Run directory {self.path} holds a run of a different config "
+                    f"(hash {old.read_text().strip()} != {self.hash}). Choose another name or pass overwrite."
+                )
+            for f in ("DONE", "FAILED", "summary.json", "metrics.jsonl"):
+                (self.path / f).unlink(missing_ok=True)
+            for f in (self.path / "checkpoints").glob("*") if (self.path / "checkpoints").is_dir() else []:
+                f.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+        atomic_write_text(self.path / "config_hash", self.hash + "\n")
+        (self.path / "FAILED").unlink(missing_ok=True)
+
+    # ---- plain files -------------------------------------------------------------------------
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def write_json(self, name: str, obj: Any) -> None:
+        atomic_write_json(self.path / name, obj)
+
+    def write_text(self, name: str, text: str) -> None:
+        atomic_write_text(self.path / name, text)
+
+    def write_env(self, seed: Optional[int] = None, device: Optional[str] = None) -> None:
+        self.write_json("env.json", environment_info(seed, device))
+
+    def write_metrics(self, rows: Iterable[Dict[str, Any]]) -> None:
+        """Rewrite ``metrics.jsonl`` atomically with ``rows`` (one JSON object per line)."""
+        text = "".join(json.dumps(r, sort_keys=True, default=_json_default) + "\n" for r in rows)
+        atomic_write_text(self.path / "metrics.jsonl", text)
+
+    def read_metrics(self) -> List[Dict[str, Any]]:
+        p = self.path / "metrics.jsonl"
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()] if p.is_file() else []
+
+    # ---- checkpoints -------------------------------------------------------------------------
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.path / "checkpoints"
+
+    def save_checkpoint(self, step: int, state: Dict[str, Any]) -> Path:
+        """Save ``state`` as ``checkpoints/step_{step:06d}.pt`` (+ checksum); keep the last ``keep``."""
+        p = self.ckpt_dir / f"step_{step:06d}.pt"
+        save_checked(p, state)
+        ckpts = sorted(self.ckpt_dir.glob("step_*.pt"))
+        for old in ckpts[: -self.keep]:
+            old.unlink(missing_ok=True)
+            Path(str(old) + ".sha256").unlink(missing_ok=True)
+        return p
+
+    def load_latest_checkpoint(self) -> Optional[Dict[str, Any]]:
+        """The newest checkpoint whose checksum verifies; corrupted ones are skipped with a warning."""
+        if not self.ckpt_dir.is_dir():
+            return None
+        for p in sorted(self.ckpt_dir.glob("step_*.pt"), reverse=True):
+            try:
+                return load_checked(p)
+            except (RunDirError, RuntimeError, EOFError, ValueError) as e:
+                log.warning("Skipping checkpoint %s: %s; falling back to an older one.", p.name, e)
+        return None
+
+    # ---- end of a run ------------------------------------------------------------------------
+    def finish(self, summary: Dict[str, Any]) -> None:
+        """Write ``summary.json`` then the ``DONE`` marker (last)."""
+        self.write_json("summary.json", summary)
+        atomic_write_text(self.path / "DONE", self.hash + "\n")
+
+    def fail(self, message: str) -> None:
+        atomic_write_text(self.path / "FAILED", message + "\n")
+
+    @property
+    def done(self) -> bool:
+        return (self.path / "DONE").is_file()
