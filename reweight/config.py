@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,6 +43,25 @@ __all__ = [
 ]
 
 C = TypeVar("C")
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that also reads ``1e-4`` as a float (YAML 1.2; PyYAML's 1.1 needs ``1.0e-4``)."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:[0-9][0-9_]*)\.[0-9_]*(?:[eE][-+]?[0-9]+)?
+    |[-+]?(?:[0-9][0-9_]*)(?:[eE][-+]?[0-9]+)
+    |\.[0-9_]+(?:[eE][-+][0-9]+)?
+    |[-+]?\.(?:inf|Inf|INF)
+    |\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -297,7 +317,7 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         if "=" not in item:
             raise ConfigError(f"Expected an override of the form section.key=value, but got {item!r}.")
         key, raw = item.split("=", 1)
-        value = yaml.safe_load(raw) if raw != "" else ""
+        value = _yaml_load(raw) if raw != "" else ""
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -315,7 +335,7 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Typ
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"Config file {str(p)!r} does not exist.")
-        loaded = yaml.safe_load(p.read_text()) or {}
+        loaded = _yaml_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {str(p)!r} must hold a mapping at top level.")
         data = loaded

@@ -198,9 +198,17 @@ class RunDir:
             for f in (self.path / "checkpoints").glob("*") if (self.path / "checkpoints").is_dir() else []:
                 f.unlink()
         self.path.mkdir(parents=True, exist_ok=True)
+        self.remove_stale_temporaries()
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_text(self.path / "config_hash", self.hash + "\n")
         (self.path / "FAILED").unlink(missing_ok=True)
+
+    def remove_stale_temporaries(self) -> int:
+        """Delete temporary files a killed writer left behind (``.<name>.*.tmp``); returns how many."""
+        stale = [p for d in (self.path, self.path / "checkpoints") if d.is_dir() for p in d.glob(".*.tmp")]
+        for p in stale:
+            p.unlink(missing_ok=True)
+        return len(stale)
 
     # ---- plain files -------------------------------------------------------------------------
     def file(self, name: str) -> Path:
