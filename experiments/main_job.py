@@ -57,9 +57,9 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> 
     import pandas as pd
 
     t_start = time.perf_counter()
+    method = make_method(cfg.hypergrad.method, cfg.hypergrad.options)  # bad method/options fail before any write
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=overwrite)
     run.write_env(cfg.seed, cfg.device)
-    method = make_method(cfg.hypergrad.method, cfg.hypergrad.options)  # fail on bad options before work
     try:
         t0 = time.perf_counter()
         fs = build_features(cfg.data, cfg.backbone, cfg.features, cfg.seed, progress=progress)
