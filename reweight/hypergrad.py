@@ -18,17 +18,40 @@ normalisation and softplus, and the penalties, are added by autograd in :func:`h
 Methods differ only in how they approximate :math:`\partial L_{val}/\partial\alpha`; each is a
 small dataclass registered in :data:`HYPERGRAD` and returns its cost with the gradient.
 
+The approximation ladder (every rung has the signature of :class:`HypergradMethod`):
+
+========== ====================================================== ============================
+name        approximation of :math:`V = H^{-1}\nabla L_{val}`      cost reported
+========== ====================================================== ============================
+exact       dense Cholesky of the ``(K·D)^2`` Hessian                (dense solve)
+cg          conjugate gradients to a relative residual              ``hvps``
+neumann     :math:`\eta\sum_{k=0}^{K}(I-\eta H)^k\nabla L_{val}`     ``hvps`` (incl. power iteration)
+unrolled    differentiate ``L_val`` through ``T`` GD steps (higher)  ``inner_steps`` (+ ``hvps``)
+one_step    :math:`H \approx I/\eta` at the look-ahead point        ``inner_steps = 1``
+first_order :math:`H \approx I` (TracIn-like dot products)          none
+========== ====================================================== ============================
+
 References:
     Pedregosa, "Hyperparameter optimization with approximate gradient", ICML 2016.
     Koh & Liang, "Understanding black-box predictions via influence functions", ICML 2017.
+    Lorraine, Vicol & Duvenaud, "Optimizing millions of hyperparameters by implicit
+    differentiation", AISTATS 2020 (Neumann series).
+    Maclaurin, Duvenaud & Adams, "Gradient-based hyperparameter optimization through reversible
+    learning", ICML 2015; Shaban et al., "Truncated back-propagation for bilevel optimization",
+    AISTATS 2019 (unrolled and truncated differentiation).
+    Ren, Zeng, Yang & Urtasun, "Learning to reweight examples for robust deep learning", ICML 2018
+    (one-step look-ahead).
+    Pruthi, Liu, Kale & Sundararajan, "Estimating training data influence by tracing gradient
+    descent", NeurIPS 2020 (first-order dot products).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Mapping, Optional, Protocol
+from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple
 
 import torch
 
@@ -43,11 +66,16 @@ __all__ = [
     "BilevelProblem",
     "ConjugateGradient",
     "Exact",
+    "FirstOrder",
     "HypergradMethod",
     "HypergradResult",
+    "Neumann",
+    "OneStep",
+    "Unrolled",
     "ValAlphaGrad",
     "alpha_grad_from_v",
     "hypergradient",
+    "largest_eigenvalue",
     "make_method",
 ]
 
@@ -185,6 +213,310 @@ class ConjugateGradient:
                       x0=v0 if self.warm_start else None)
         return ValAlphaGrad(alpha_grad_from_v(problem.inner, W, sol.x), v=sol.x, hvps=sol.hvps,
                             rel_residual=sol.rel_residual, converged=sol.converged)
+
+
+def _check_positive_int(value: Any, name: str, method: str, minimum: int = 1) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"The '{name}' parameter of {method} must be an int >= {minimum}. Got {value!r} instead.")
+
+
+def _check_optional_positive(value: Any, name: str, method: str) -> None:
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
+                              or not math.isfinite(value) or not value > 0):
+        raise ConfigError(f"The '{name}' parameter of {method} must be a finite number > 0 or None. "
+                          f"Got {value!r} instead.")
+
+
+def largest_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], shape: Tuple[int, ...],
+                       dtype: torch.dtype, device: torch.device | str = "cpu", iters: int = 20,
+                       seed: int = 0) -> float:
+    r"""Power-iteration estimate of the largest eigenvalue :math:`\lambda_{max}` of a symmetric PSD operator.
+
+    Runs ``iters`` products :math:`u \leftarrow A u / \|A u\|` from a seeded Gaussian start and returns
+    the last Rayleigh quotient :math:`u^\top A u` (a lower bound of :math:`\lambda_{max}` that is tight
+    when the top of the spectrum is separated; callers add a safety factor).
+
+    Args:
+        matvec: ``u -> A u`` for tensors of shape ``shape``.
+        shape: shape of the operator's input (``(K, D)`` for the head Hessian).
+        dtype, device: of the start vector.
+        iters: number of products (>= 1); each is one HVP.
+        seed: seed of the start vector (fixed, so results are deterministic).
+
+    Raises:
+        ConfigError: for ``iters < 1``.
+
+    References:
+        von Mises & Pollaczek-Geiringer, "Praktische Verfahren der Gleichungsauflösung", ZAMM 1929.
+    """
+    _check_positive_int(iters, "iters", "largest_eigenvalue")
+    g = torch.Generator(device="cpu").manual_seed(int(seed))
+    u = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
+    u = u / torch.linalg.vector_norm(u)
+    est = 0.0
+    for _ in range(iters):
+        Au = matvec(u)
+        est = float((u * Au).sum())
+        nrm = torch.linalg.vector_norm(Au)
+        if not nrm > 0:
+            return 0.0
+        u = Au / nrm
+    return est
+
+
+#: safety factor on the power-iteration estimate: eta = 1 / (EIG_SAFETY * lambda_max_hat).
+EIG_SAFETY = 1.05
+
+
+def _default_step(H: Any, W: torch.Tensor, power_iters: int) -> float:
+    lam_max = largest_eigenvalue(H.matvec, tuple(W.shape), W.dtype, W.device, iters=power_iters)
+    return 1.0 / (EIG_SAFETY * lam_max)
+
+
+@HYPERGRAD.register("neumann")
+@dataclass(frozen=True)
+class Neumann:
+    r"""Implicit differentiation with a truncated Neumann series for :math:`H^{-1}`.
+
+    .. math::
+
+        V \approx \eta \sum_{k=0}^{K} (I - \eta H)^k\, \nabla_W L_{val}(W^*), \qquad
+        \frac{\partial L_{val}}{\partial\alpha_i} \approx -\frac1n g_i^\top V h_i,
+
+    exact as :math:`K \to\infty` when :math:`0 < \eta < 2/\lambda_{max}(H)`; the error after
+    ``K`` terms is :math:`H^{-1}(I-\eta H)^{K+1}\nabla L_{val}`, i.e. it contracts by
+    :math:`1 - \eta\lambda_{min}` per term. The residual :math:`\nabla L_{val} - H V =
+    (I-\eta H)^{K+1}\nabla L_{val}` is the last series term, so it is reported at no extra cost and
+    the series stops early once it falls below ``tol``.
+
+    Args:
+        order: ``K``, the number of terms after the first, >= 1. The series costs ``K + 1`` HVPs
+            (the last one yields the residual).
+        eta: step :math:`\eta`; ``None`` (default) uses :math:`\eta = 1/(1.05\,\hat\lambda_{max})` with
+            :math:`\hat\lambda_{max}` from ``power_iters`` power iterations on ``H`` (their HVPs are
+            counted in the cost).
+        power_iters: power iterations for the default ``eta``.
+        tol: relative residual at which the series stops early; ``converged`` is False when ``order``
+            terms did not reach it (recorded, never silent).
+
+    References:
+        Lorraine, Vicol & Duvenaud, "Optimizing millions of hyperparameters by implicit
+        differentiation", AISTATS 2020.
+    """
+
+    order: int = 100
+    eta: Optional[float] = None
+    power_iters: int = 20
+    tol: float = 1e-6
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.order, "order", "neumann")
+        _check_optional_positive(self.eta, "eta", "neumann")
+        _check_positive_int(self.power_iters, "power_iters", "neumann")
+        _check_optional_positive(self.tol, "tol", "neumann")
+        if self.tol is None:
+            raise ConfigError("The 'tol' parameter of neumann must be a finite number > 0. Got None instead.")
+
+    def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
+                       v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
+        H = problem.inner.hessian(W, alpha)
+        eta = self.eta if self.eta is not None else _default_step(H, W, self.power_iters)
+        b = problem.val_grad(W)
+        bnorm = float(torch.linalg.vector_norm(b)) or 1.0
+        p, acc = b.clone(), torch.zeros_like(b)
+        terms, rel = 0, 1.0
+        while True:
+            acc = acc + p  # sum_{k<=terms} (I - eta H)^k b
+            p = p - eta * H.matvec(p)  # (I - eta H)^{terms+1} b == b - H V
+            rel = float(torch.linalg.vector_norm(p)) / bnorm
+            if rel <= self.tol or terms >= self.order or not math.isfinite(rel):
+                break
+            terms += 1
+        v = eta * acc
+        if not math.isfinite(rel):  # the series overflowed (eta > 2/lambda_max): make it loud downstream
+            v = torch.full_like(b, float("nan"))
+        return ValAlphaGrad(alpha_grad_from_v(problem.inner, W, v), v=v, hvps=H.hvps, rel_residual=rel,
+                            converged=rel <= self.tol, extra={"eta": eta, "terms": terms})
+
+
+def _gd_steps_no_graph(inner: HeadObjective, W: torch.Tensor, alpha: torch.Tensor, lr: float,
+                       steps: int) -> torch.Tensor:
+    """``steps`` plain gradient-descent steps on ``F(., alpha)`` without a graph (closed-form gradient)."""
+    with torch.no_grad():
+        for _ in range(steps):
+            W = W - lr * inner.grad(W, alpha)
+    return W
+
+
+@HYPERGRAD.register("unrolled")
+@dataclass(frozen=True)
+class Unrolled:
+    r"""Differentiate :math:`L_{val}(W_T)` through ``T`` inner gradient-descent steps (``higher``).
+
+    .. math::
+
+        W_0 = W,\quad W_{t+1} = W_t - \eta\,\nabla_W F(W_t, \alpha),\qquad
+        \frac{\partial L_{val}}{\partial\alpha} \approx \frac{d\, L_{val}(W_T)}{d\alpha}.
+
+    Warm-started from the current head ``W`` (the inner optimum, in the bilevel loop). Only the
+    last ``truncate`` steps are differentiated (truncated back-propagation); the first
+    ``T - truncate`` run without a graph. Started at the exact optimum, :math:`W_t = W^*` and
+    :math:`dW_T/d\alpha = -\eta\sum_{t<T}(I-\eta H)^t\,\partial_\alpha\nabla_W F`, so the result
+    equals the Neumann series of order ``T - 1`` with the same :math:`\eta` -- it tends to the
+    exact hypergradient as ``T`` grows.
+
+    ``higher`` (unmaintained since 2021) is imported here only. It is handed a bias-free
+    :class:`torch.nn.Linear` holding only the head's weight (no frozen sub-modules, which higher
+    refuses), and each functional context is closed and its references dropped before returning
+    (higher's patched modules form reference cycles that otherwise pile up across outer steps).
+
+    Args:
+        steps: ``T``, inner gradient-descent steps (>= 1).
+        truncate: differentiate through only the last ``truncate`` steps (``None`` = all ``T``).
+        lr: inner step :math:`\eta`; ``None`` uses :math:`1/(1.05\,\hat\lambda_{max}(H))` from
+            ``power_iters`` power iterations (HVPs counted).
+        power_iters: power iterations for the default ``lr``.
+
+    Cost: ``inner_steps = T`` (each differentiated step also costs about one HVP in the backward
+    pass). ``converged`` is False when the inner loop diverged (final :math:`\|\nabla_W F\|` above
+    ``max(10 x initial, 1e-8)``), which happens for :math:`\eta > 2/\lambda_{max}`; there is no
+    linear-system residual, so ``rel_residual`` is NaN.
+
+    References:
+        Maclaurin, Duvenaud & Adams, ICML 2015; Franceschi et al., "Forward and reverse
+        gradient-based hyperparameter optimization", ICML 2017; Shaban et al., "Truncated
+        back-propagation for bilevel optimization", AISTATS 2019; Grefenstette et al.,
+        "Generalized inner loop meta-learning" (higher), arXiv:1910.01727, 2019.
+    """
+
+    steps: int = 50
+    truncate: Optional[int] = None
+    lr: Optional[float] = None
+    power_iters: int = 20
+
+    def __post_init__(self) -> None:
+        _check_positive_int(self.steps, "steps", "unrolled")
+        if self.truncate is not None:
+            _check_positive_int(self.truncate, "truncate", "unrolled")
+            if self.truncate > self.steps:
+                raise ConfigError(f"The 'truncate' parameter of unrolled must be <= steps ({self.steps}). "
+                                  f"Got {self.truncate!r} instead.")
+        _check_optional_positive(self.lr, "lr", "unrolled")
+        _check_positive_int(self.power_iters, "power_iters", "unrolled")
+
+    def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
+                       v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
+        import higher
+
+        inner = problem.inner
+        hvps = 0
+        if self.lr is None:
+            H = inner.hessian(W, alpha)
+            lr = _default_step(H, W, self.power_iters)
+            hvps = H.hvps
+        else:
+            lr = float(self.lr)
+        trunc = self.steps if self.truncate is None else self.truncate
+        W0 = W.detach()
+        g0 = float(torch.linalg.vector_norm(inner.grad(W0, alpha)))
+        Wstart = _gd_steps_no_graph(inner, W0, alpha, lr, self.steps - trunc)
+        K, D = inner.shape
+        head = torch.nn.Linear(D, K, bias=False).to(device=W.device, dtype=W.dtype)
+        with torch.no_grad():
+            head.weight.copy_(Wstart)
+        a = alpha.detach().clone().requires_grad_(True)
+        opt = torch.optim.SGD(head.parameters(), lr=lr)
+        with torch.enable_grad():
+            with higher.innerloop_ctx(head, opt, copy_initial_weights=True, track_higher_grads=True) as (fhead, diffopt):
+                for _ in range(trunc):
+                    Wt = fhead.weight
+                    losses = torch.nn.functional.cross_entropy(fhead(inner.X), inner.y, reduction="none")
+                    F = (a * losses).sum() / inner.n + 0.5 * inner.lam * (Wt * Wt).sum()
+                    diffopt.step(F)
+                WT = fhead.weight
+                val = problem.val_loss(WT)
+                (grad_alpha,) = torch.autograd.grad(val, a)
+                WT = WT.detach()
+                del Wt, losses, F, val
+            del fhead, diffopt
+        del opt, head
+        gT = float(torch.linalg.vector_norm(inner.grad(WT, alpha)))
+        converged = math.isfinite(gT) and gT <= max(10.0 * g0, 1e-8)
+        return ValAlphaGrad(grad_alpha.detach(), v=None, hvps=hvps, inner_steps=self.steps,
+                            converged=converged,
+                            extra={"lr": lr, "truncate": trunc, "grad_norm_start": g0, "grad_norm_end": gT})
+
+
+@HYPERGRAD.register("one_step")
+@dataclass(frozen=True)
+class OneStep:
+    r"""One-step look-ahead (Learning to Reweight): differentiate :math:`L_{val}` after one GD step.
+
+    .. math::
+
+        W' = W - \eta\,\nabla_W F(W, \alpha), \qquad
+        \frac{\partial L_{val}(W')}{\partial\alpha_i} = -\frac{\eta}{n}\, g_i(W)^\top\,
+        \nabla_W L_{val}(W')\, h_i,
+
+    exact for the one-step objective; as a hypergradient it replaces :math:`H^{-1}` by
+    :math:`\eta I` (at the inner optimum :math:`W' = W^*`, so it equals ``neumann`` with order 0).
+
+    Args:
+        lr: :math:`\eta`; ``None`` uses :math:`1/(1.05\,\hat\lambda_{max}(H))` from ``power_iters``
+            power iterations (HVPs counted), which matches the scale of :math:`H^{-1}` along the top
+            of the spectrum.
+        power_iters: power iterations for the default ``lr``.
+
+    References:
+        Ren, Zeng, Yang & Urtasun, "Learning to reweight examples for robust deep learning",
+        ICML 2018.
+    """
+
+    lr: Optional[float] = None
+    power_iters: int = 20
+
+    def __post_init__(self) -> None:
+        _check_optional_positive(self.lr, "lr", "one_step")
+        _check_positive_int(self.power_iters, "power_iters", "one_step")
+
+    def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
+                       v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
+        hvps = 0
+        if self.lr is None:
+            H = problem.inner.hessian(W, alpha)
+            lr = _default_step(H, W, self.power_iters)
+            hvps = H.hvps
+        else:
+            lr = float(self.lr)
+        W1 = W - lr * problem.inner.grad(W, alpha)
+        v = lr * problem.val_grad(W1)
+        return ValAlphaGrad(alpha_grad_from_v(problem.inner, W, v), v=v, hvps=hvps, inner_steps=1,
+                            extra={"lr": lr})
+
+
+@HYPERGRAD.register("first_order")
+@dataclass(frozen=True)
+class FirstOrder:
+    r"""First-order (identity-Hessian, TracIn-like) hypergradient: :math:`H \approx I`.
+
+    .. math::
+
+        \frac{\partial L_{val}}{\partial\alpha_i} \approx -\frac1n
+        \langle \nabla_W L_{val}(W),\ g_i h_i^\top\rangle,
+
+    i.e. the dot product of the validation gradient with each sample's loss gradient (one
+    TracIn checkpoint with unit step). Its scale is that of :math:`H^{-1}` replaced by ``I``, so
+    only its direction is comparable with the exact hypergradient. No HVPs.
+
+    References:
+        Pruthi, Liu, Kale & Sundararajan, "Estimating training data influence by tracing gradient
+        descent", NeurIPS 2020.
+    """
+
+    def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
+                       v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
+        v = problem.val_grad(W)
+        return ValAlphaGrad(alpha_grad_from_v(problem.inner, W, v), v=v)
 
 
 def make_method(name: str, options: Optional[Mapping[str, Any]] = None) -> HypergradMethod:
