@@ -114,16 +114,41 @@ class HeadHessian:
         self.K, self.D = P.shape[1], X.shape[1]
         self.hvps = 0
 
+    def _weighted_probs(self) -> torch.Tensor:
+        r""":math:`\alpha_i P_{ik}`, ``(n, K)``, computed once and reused by every HVP of this operator."""
+        key = (id(self.P), self.P._version, id(self.alpha), self.alpha._version)
+        if getattr(self, "_aP_key", None) != key:
+            self._aP = self.alpha[:, None] * self.P
+            self._aP_key = key
+        return self._aP
+
     def matvec(self, U: torch.Tensor) -> torch.Tensor:
-        r""":math:`H U` for ``U`` ``(K, D)`` or a batch ``(B, K, D)`` (one product per batch element)."""
+        r""":math:`H U` for ``U`` ``(K, D)`` or a batch ``(B, K, D)`` (one product per batch element).
+
+        Two ``n·D·(B·K)`` matrix products plus three in-place elementwise passes over ``(n, B·K)``:
+        :math:`Z = X U^\top`, :math:`s_i = \langle P_i, Z_i\rangle`, :math:`M = (\alpha\circ P)\circ(Z - s)`,
+        :math:`HU = M^\top X / n + \lambda U`. Rows are processed in blocks of about ``2**24`` entries
+        of ``Z`` so temporaries stay bounded for large ``n`` (the result does not depend on the block).
+        """
         batched = U.ndim == 3
         Ub = U if batched else U.unsqueeze(0)
-        B = Ub.shape[0]
-        Z = self.X @ Ub.reshape(B * self.K, self.D).T  # (n, B*K)
-        Z = Z.reshape(-1, B, self.K)
-        PZ = self.P.unsqueeze(1) * Z
-        M = self.alpha[:, None, None] * (PZ - self.P.unsqueeze(1) * PZ.sum(dim=2, keepdim=True))
-        HU = (M.reshape(-1, B * self.K).T @ self.X).reshape(B, self.K, self.D) / self.n + self.lam * Ub
+        B, K, D = Ub.shape[0], self.K, self.D
+        Ut = Ub.reshape(B * K, D).T
+        aP = self._weighted_probs()
+        n_rows = self.X.shape[0]
+        block = max(4096, (1 << 24) // max(1, B * K))
+        out = None
+        for lo in range(0, n_rows, block):
+            hi = min(n_rows, lo + block)
+            Xb = self.X[lo:hi]
+            Z = Xb @ Ut  # (b, B*K)
+            Z3 = Z.view(hi - lo, B, K)
+            s = (Z3 * self.P[lo:hi].unsqueeze(1)).sum(dim=2, keepdim=True)
+            Z3.sub_(s).mul_(aP[lo:hi].unsqueeze(1))
+            out = Z.T @ Xb if out is None else out.addmm_(Z.T, Xb)
+        if out is None:  # no local rows (an empty shard)
+            out = torch.zeros(B * K, D, dtype=Ub.dtype, device=Ub.device)
+        HU = out.reshape(B, K, D).div_(self.n).add_(Ub, alpha=self.lam)
         self.hvps += B
         return HU if batched else HU[0]
 
@@ -223,7 +248,10 @@ class HeadObjective:
     def grad(self, W: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         r""":math:`\nabla_W F = \frac1n(\alpha\circ G)^\top X + \lambda W` -- the stationarity condition
         the solver drives to zero and implicit differentiation consumes."""
-        return (alpha[:, None] * self.residuals(W)).T @ self.X / self.n + self.lam * W
+        G = torch.softmax(self.X @ W.T, dim=1)  # (n, K), overwritten in place by alpha * (P - Y)
+        G[torch.arange(G.shape[0], device=G.device), self.y] -= 1
+        G.mul_(alpha[:, None])
+        return (G.T @ self.X).div_(self.n).add_(W, alpha=self.lam)
 
     optimality = grad
 
