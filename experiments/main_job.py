@@ -52,14 +52,42 @@ def _head_eval(W: torch.Tensor, problem: BilevelProblem, evals) -> Dict[str, flo
     return out
 
 
+def _tensorboard_writer_cls():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # tensorboard is an optional extra
+        from reweight.errors import ConfigError
+
+        raise ConfigError("tensorboard=true needs the 'tensorboard' package: pip install 'carrot-reweight[tensorboard]'.") from e
+    return SummaryWriter
+
+
+def _tb_logger(writer, problem: BilevelProblem):
+    """An ``on_step`` callback logging scalars, per-class ESS ratios and the weight histogram."""
+
+    def log_step(row: Dict[str, Any], alpha: torch.Tensor) -> None:
+        step = row["step"]
+        for key in ("val_loss", "objective", "penalty", "val_acc", "test_acc", "auroc", "ess_ratio_min", "hvps",
+                    "inner_iters"):
+            if row.get(key) is not None:
+                writer.add_scalar(key, row[key], step)
+        for c, r in enumerate(row["ess_ratio"]):
+            writer.add_scalar(f"ess_ratio/class_{c}", r, step)
+        writer.add_histogram("alpha", alpha.detach().cpu(), step)
+
+    return log_step
+
+
 def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
     """Run (or resume) the main job of ``cfg``; returns the summary also written to ``summary.json``."""
     import pandas as pd
 
     t_start = time.perf_counter()
     method = make_method(cfg.hypergrad.method, cfg.hypergrad.options)  # bad method/options fail before any write
+    tb_writer_cls = _tensorboard_writer_cls() if cfg.tensorboard else None
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=overwrite)
     run.write_env(cfg.seed, cfg.device)
+    writer = tb_writer_cls(str(run.file("tensorboard"))) if tb_writer_cls else None
     try:
         t0 = time.perf_counter()
         fs = build_features(cfg.data, cfg.backbone, cfg.features, cfg.seed, progress=progress)
@@ -73,12 +101,16 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> 
         t0 = time.perf_counter()
         out = run_bilevel(problem, method, cfg.outer.steps, cfg.outer.lr, tol=cfg.head.tol,
                           max_iter=cfg.head.max_iter, checkpoint_every=cfg.outer.checkpoint_every, run=run,
-                          evals=evals, corrupted=fs.corrupted, method_name=cfg.hypergrad.method, progress=progress)
+                          evals=evals, corrupted=fs.corrupted, method_name=cfg.hypergrad.method, progress=progress,
+                          on_step=_tb_logger(writer, problem) if writer else None)
         t_learned = time.perf_counter() - t0
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
             run.fail(f"{type(e).__name__}: {e}")
         raise
+    finally:
+        if writer is not None:
+            writer.close()
 
     K = fs.num_classes
     before = pd.DataFrame(class_report(ones, fs.y_train, K, fs.corrupted)).assign(stage="uniform")

@@ -94,7 +94,7 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
                 max_iter: int = 100, checkpoint_every: int = 5, run: Optional[RunDir] = None,
                 evals: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
                 corrupted: Optional[torch.Tensor] = None, method_name: str = "", progress: bool = False,
-                on_step: Optional[Callable[[Dict[str, Any]], None]] = None) -> BilevelOutcome:
+                on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]] = None) -> BilevelOutcome:
     """Run (or resume) the outer loop for ``steps`` Adam steps of size ``lr`` on ``s``.
 
     Args:
@@ -106,6 +106,7 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
         run: run directory for metrics and checkpoints (resumes from its newest valid checkpoint).
         evals: named ``(X, y)`` sets whose accuracy is logged each step (e.g. ``val``, ``test``).
         corrupted: ground-truth mask; logs the AUROC of ``alpha`` each step.
+        on_step: called as ``on_step(row, alpha)`` after each step's metrics row is built.
 
     Raises:
         NonFiniteError: when ``s``, the loss or the hypergradient becomes non-finite (the last good
@@ -148,9 +149,12 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
         if not math.isfinite(hg.objective):
             raise NonFiniteError(f"Outer step {step}: objective is non-finite (method {hg.method!r}).")
         row = _row(step, problem, alpha, sol, hg, evals, corrupted, t_inner)
+        if not hg.converged:
+            log.warning("Outer step %d: %s hypergradient did not reach its tolerance (relative residual %.2e).",
+                        step, hg.method, hg.rel_residual)
         metrics.append(row)
         if on_step is not None:
-            on_step(row)
+            on_step(row, alpha)
         opt.zero_grad(set_to_none=True)
         s.grad = hg.grad_s.to(dtype)
         opt.step()

@@ -154,12 +154,13 @@ class HeadHessian:
 
     __call__ = matvec
 
-    def dense(self) -> torch.Tensor:
+    def dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         r"""The dense ``(K·D, K·D)`` Hessian (small problems and tests only).
 
         :math:`H_{(k,a),(l,b)} = \frac1n\sum_i \alpha_i (P_{ik}\delta_{kl} - P_{ik}P_{il}) X_{ia}X_{ib} + \lambda\delta`.
         """
-        X, P, a = self.X, self.P, self.alpha
+        # assembled in float64: the difference of the two terms cancels badly in float32
+        X, P, a = self.X.to(torch.float64), self.P.to(torch.float64), self.alpha.to(torch.float64)
         K, D, n = self.K, self.D, self.n
         aP = a[:, None] * P
         diag_blocks = torch.einsum("ik,ia,ib->kab", aP, X, X) / n  # (K, D, D)
@@ -168,7 +169,7 @@ class HeadHessian:
         H = -(B1.T @ B2) / n
         H = H + torch.block_diag(*diag_blocks)
         H = 0.5 * (H + H.T)
-        return H + self.lam * torch.eye(K * D, dtype=X.dtype, device=X.device)
+        return (H + self.lam * torch.eye(K * D, dtype=X.dtype, device=X.device)).to(dtype or self.X.dtype)
 
     def solve(self, B: torch.Tensor, method: Literal["dense", "cg", "auto"] = "auto", tol: float = 1e-8,
               max_iter: int = 1000, x0: Optional[torch.Tensor] = None) -> IHVPResult:
@@ -178,13 +179,17 @@ class HeadHessian:
         if method == "auto":
             method = "dense" if self.K * self.D <= DENSE_MAX else "cg"
         if method == "dense":
-            H = self.dense()
+            # factorise in float64: ill-conditioned float32 Hessians (large alpha, small lambda) are still
+            # positive definite but defeat a float32 Cholesky; the dense path is for small K*D anyway
+            H = self.dense(torch.float64)
             L, info = torch.linalg.cholesky_ex(H)
             if int(info) != 0:
                 raise FloatingPointError("The head Hessian is not positive definite (check lam > 0 and alpha >= 0).")
-            x = torch.cholesky_solve(B.reshape(-1, 1), L).reshape(B.shape)
-            r = torch.linalg.vector_norm(H @ x.reshape(-1) - B.reshape(-1)) / torch.linalg.vector_norm(B).clamp_min(1e-300)
-            return IHVPResult(x=x, hvps=0, rel_residual=float(r), converged=True, method="dense")
+            b = B.reshape(-1, 1).to(torch.float64)
+            x = torch.cholesky_solve(b, L)
+            r = torch.linalg.vector_norm(H @ x - b) / torch.linalg.vector_norm(b).clamp_min(1e-300)
+            return IHVPResult(x=x.reshape(B.shape).to(B.dtype), hvps=0, rel_residual=float(r), converged=True,
+                              method="dense")
         if method == "cg":
             start = self.hvps
             res: CGResult = conjugate_gradient(self.matvec, B, x0=x0, tol=tol, max_iter=max_iter)
@@ -307,7 +312,10 @@ def solve_head(obj: HeadObjective, alpha: torch.Tensor, W0: Optional[torch.Tenso
             break
         H = obj.hessian(W, alpha)
         forcing = min(0.5, gn ** 0.5)
-        sol = H.solve(-g, method=system, tol=forcing, max_iter=200)
+        try:
+            sol = H.solve(-g, method=system, tol=forcing, max_iter=200)
+        except FloatingPointError:  # indefinite at this precision (float32, extreme alpha/lambda): truncated Newton
+            sol = H.solve(-g, method="cg", tol=forcing, max_iter=200)
         hvps += sol.hvps
         p = sol.x
         slope = float((g * p).sum())

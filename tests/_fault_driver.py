@@ -20,7 +20,7 @@ def main(run_dir: str, steps: int) -> None:
     problem = make_problem(n=90, seed=7)
     run = RunDir(run_dir, RunConfig(name="fault", outer=RunConfig().outer.__class__(steps=steps)))
 
-    def hook(row):
+    def hook(row, alpha):
         print(f"step {row['step']}", flush=True)
         time.sleep(0.02)
 

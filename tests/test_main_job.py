@@ -80,3 +80,11 @@ def test_every_command_has_help(cmd):
     out = subprocess.run([sys.executable, "-m", "experiments", *cmd, "--help"], cwd=ROOT, capture_output=True,
                          text=True)
     assert out.returncode == 0 and "usage:" in out.stdout
+
+
+def test_tensorboard_logging(tmp_path):
+    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "outer.steps=2", "tensorboard=true",
+            f"out_dir={tmp_path / 'runs'}", f"features.cache_dir={tmp_path / 'cache'}", "name=tb"]
+    assert main(args) == 0
+    events = list((tmp_path / "runs" / "tb" / "tensorboard").glob("events.out.tfevents.*"))
+    assert events and events[0].stat().st_size > 0

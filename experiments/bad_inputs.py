@@ -1,0 +1,187 @@
+"""The table of bad inputs and the error each gives (one list: tests check it, docs print it).
+
+Run ``python -m experiments.bad_inputs`` to regenerate ``docs/bad_inputs.md``; ``tests/test_bad_inputs.py``
+runs every case and checks the documented exception type and message.
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, List
+
+import torch
+
+__all__ = ["CASES", "Case", "render_markdown", "run_case"]
+
+
+@dataclass(frozen=True)
+class Case:
+    """One bad input: what it is, how to trigger it, the exception type and a regex of its message."""
+
+    what: str
+    trigger: Callable[[], object]
+    error: type
+    message: str
+
+
+def _X(n=6, d=3):
+    from reweight.head import add_bias
+
+    return add_bias(torch.randn(n, d, dtype=torch.float64, generator=torch.Generator().manual_seed(0)))
+
+
+def _obj():
+    from reweight.head import HeadObjective
+
+    return HeadObjective(_X(), torch.tensor([0, 1, 0, 1, 0, 1]), 2, 0.1)
+
+
+def _nan_features():
+    from reweight.head import HeadObjective
+
+    X = _X()
+    X[2, 0] = float("nan")
+    return HeadObjective(X, torch.tensor([0, 1, 0, 1, 0, 1]), 2, 0.1)
+
+
+def _problem(y_val):
+    from reweight.hypergrad import BilevelProblem
+    from reweight.weights import WeightModel
+
+    obj = _obj()
+    return BilevelProblem(obj, _X(4), torch.tensor(y_val), WeightModel(obj.y, 2))
+
+
+def _cases() -> List[Case]:
+    from reweight.config import load_config
+    from reweight.data import check_splits, load_dataset, prepare_data, symmetric_noise
+    from reweight.errors import ConfigError, DataError, NonFiniteError, RunDirError
+    from reweight.head import HeadObjective, solve_head
+    from reweight.hypergrad import make_method
+    from reweight.linalg import conjugate_gradient
+    from reweight.weights import WeightModel
+    import numpy as np
+
+    y6 = torch.tensor([0, 1, 0, 1, 0, 1])
+    return [
+        Case("features with NaN/Inf", _nan_features, DataError, r"NaN/Inf in 1 row\(s\); first offending rows: \[2\]"),
+        Case("features of the wrong rank", lambda: HeadObjective(torch.zeros(6), y6, 2, 0.1), DataError,
+             r"Expected training features of shape \(n, d\)"),
+        Case("integer features", lambda: HeadObjective(torch.zeros(6, 2, dtype=torch.long), y6, 2, 0.1), DataError,
+             r"Expected floating-point training features"),
+        Case("labels out of range", lambda: HeadObjective(_X(), torch.tensor([0, 1, 2, 1, 0, 1]), 2, 0.1), DataError,
+             r"must lie in 0..1; out of range at indices \[2\]"),
+        Case("float labels", lambda: HeadObjective(_X(), y6.double(), 2, 0.1), DataError, r"Expected integer training labels"),
+        Case("length mismatch features/labels", lambda: HeadObjective(_X(), y6[:5], 2, 0.1), DataError,
+             r"Length mismatch: 6 feature rows but 5 training labels"),
+        Case("a class absent from the training split", lambda: WeightModel(torch.tensor([0, 0, 0]), 2), DataError,
+             r"Class\(es\) \[1\] have no sample in training labels"),
+        Case("a class absent from the validation split", lambda: _problem([0, 0, 0, 0]), DataError,
+             r"Class\(es\) \[1\] have no sample in validation labels"),
+        Case("validation features of another width", lambda: __import__("reweight.hypergrad", fromlist=["x"]).BilevelProblem(
+            _obj(), torch.zeros(4, 2, dtype=torch.float64), torch.tensor([0, 1, 0, 1]), WeightModel(y6, 2)), DataError,
+             r"Expected validation features with 4 columns"),
+        Case("lambda <= 0", lambda: HeadObjective(_X(), y6, 2, 0.0), ConfigError, r"'lam' parameter must be > 0"),
+        Case("negative or non-finite alpha", lambda: solve_head(_obj(), -torch.ones(6, dtype=torch.float64)), DataError,
+             r"alpha must be finite and >= 0"),
+        Case("overlapping splits (leakage)", lambda: check_splits({"train": np.array([0, 1]), "test": np.array([1])}),
+             DataError, r"Sample 1 is in both split 'train' and split 'test' \(leakage\)"),
+        Case("noise rate outside [0, 1)", lambda: symmetric_noise(np.array([0, 1]), 1.2, 2, np.random.default_rng(0)),
+             DataError, r"'rate' of symmetric noise must be in \[0, 1\)"),
+        Case("unknown dataset", lambda: load_dataset("imagenet"), DataError, r"Unknown dataset 'imagenet'. Valid: digits, mnist5k"),
+        Case("unknown config key", lambda: load_config(None, ["head.lamda=1"]), ConfigError,
+             r"Unknown config key 'head.lamda'. Valid keys under 'head': lam, bias, tol, max_iter, dtype"),
+        Case("config value of the wrong type", lambda: load_config(None, ["outer.steps=ten"]), ConfigError,
+             r"'outer.steps' parameter must be int. Got 'ten' instead"),
+        Case("config value out of range", lambda: load_config(None, ["data.noise_rate=1.5"]), ConfigError,
+             r"'data.noise_rate' parameter must be in \[0, 1\)"),
+        Case("malformed override", lambda: load_config(None, ["head.lam"]), ConfigError,
+             r"Expected an override of the form section.key=value"),
+        Case("unknown hypergradient method", lambda: make_method("newton"), ConfigError,
+             r"Unknown hypergradient method 'newton'. Registered: "),
+        Case("unknown method option", lambda: make_method("cg", {"iters": 3}), ConfigError,
+             r"Unknown option 'iters' for hypergradient method 'cg'. Valid options: "),
+        Case("CG budget <= 0", lambda: make_method("cg", {"max_iter": 0}), ConfigError,
+             r"'max_iter' parameter of cg must be >= 1"),
+        Case("CG tolerance <= 0", lambda: conjugate_gradient(lambda v: v, torch.ones(2), tol=0.0), ConfigError,
+             r"'tol' parameter of conjugate_gradient must be > 0"),
+        Case("non-finite hypergradient", _nonfinite_hypergradient, NonFiniteError,
+             r"Hypergradient method 'broken' produced a non-finite dL_val/dalpha"),
+        Case("run directory of another config", _other_config_run_dir, RunDirError,
+             r"holds a run of a different config"),
+        Case("corrupted checkpoint/cache file", _corrupted_file, RunDirError, r"corrupted or truncated \(checksum mismatch\)"),
+    ]
+
+
+def _nonfinite_hypergradient():
+    from reweight.head import solve_head
+    from reweight.hypergrad import ValAlphaGrad, hypergradient
+
+    p = _problem([0, 1, 0, 1])
+
+    class Broken:
+        def val_alpha_grad(self, problem, W, alpha, v0=None):
+            return ValAlphaGrad(torch.full_like(alpha, float("nan")))
+
+    s = torch.zeros(6, dtype=torch.float64)
+    return hypergradient(Broken(), p, s, solve_head(p.inner, p.weights.alpha(s)).W, name="broken")
+
+
+def _other_config_run_dir():
+    import tempfile
+
+    from reweight.config import RunConfig
+    from reweight.runs import RunDir
+
+    d = Path(tempfile.mkdtemp()) / "run"
+    RunDir(d, RunConfig())
+    return RunDir(d, RunConfig(seed=1))
+
+
+def _corrupted_file():
+    import tempfile
+
+    from reweight.runs import load_checked, save_checked
+
+    p = Path(tempfile.mkdtemp()) / "x.pt"
+    save_checked(p, {"a": torch.ones(3)})
+    p.write_bytes(p.read_bytes()[:-5])
+    return load_checked(p)
+
+
+CASES: List[Case] = []
+
+
+def run_case(case: Case) -> str:
+    """Trigger ``case``; return the message of the raised error (raises AssertionError if it did not match)."""
+    try:
+        case.trigger()
+    except case.error as e:
+        msg = str(e)
+        if not re.search(case.message, msg):
+            raise AssertionError(f"{case.what}: message {msg!r} does not match {case.message!r}") from e
+        return msg
+    raise AssertionError(f"{case.what}: no {case.error.__name__} raised")
+
+
+def render_markdown() -> str:
+    """The bad-input table as Markdown (the message column is what the error actually says)."""
+    lines = ["| bad input | error | message |", "|---|---|---|"]
+    for c in CASES:
+        msg = run_case(c).replace("|", "\\|")
+        lines.append(f"| {c.what} | `{c.error.__name__}` | {msg} |")
+    return "\n".join(lines) + "\n"
+
+
+CASES.extend(_cases())
+
+if __name__ == "__main__":
+    from reweight.runs import atomic_write_text
+
+    out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent.parent / "docs" / "bad_inputs.md"
+    atomic_write_text(out, "# Bad inputs and the errors they give\n\nGenerated by `python -m experiments.bad_inputs`; "
+                      "`tests/test_bad_inputs.py` checks every row.\n\n" + render_markdown())
+    print(f"wrote {out}")
