@@ -122,7 +122,7 @@ def per_sample_grads(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
 
 
 def per_sample_inner_products(A: torch.Tensor, W: torch.Tensor, X: torch.Tensor, y: torch.Tensor,
-                              chunk_size: Optional[int] = None) -> torch.Tensor:
+                              chunk_size: Optional[int] = None, check: bool = True) -> torch.Tensor:
     r""":math:`\langle A, \nabla_W\ell_i\rangle = g_i^\top A h_i` for every sample, without ``n x K x D``.
 
     .. math::
@@ -139,6 +139,7 @@ def per_sample_inner_products(A: torch.Tensor, W: torch.Tensor, X: torch.Tensor,
         y: ``(n,)`` labels.
         chunk_size: process this many samples at a time (``None`` = all at once); results do not
             depend on it.
+        check: validate the inputs (default). Inner loops that validated once pass ``False``.
 
     Returns:
         ``(n,)`` for a single ``A``, ``(n, B)`` for a batch.
@@ -147,9 +148,10 @@ def per_sample_inner_products(A: torch.Tensor, W: torch.Tensor, X: torch.Tensor,
         DataError: for shapes that do not match (names the offending one).
         ConfigError: for ``chunk_size < 1``.
     """
-    check_features(X, "features")
-    _check_head(W, X, "per_sample_inner_products")
-    check_labels(y, W.shape[0], "labels", n=X.shape[0], require_all_classes=False)
+    if check:
+        check_features(X, "features")
+        _check_head(W, X, "per_sample_inner_products")
+        check_labels(y, W.shape[0], "labels", n=X.shape[0], require_all_classes=False)
     if A.shape[-2:] != W.shape or A.ndim not in (2, 3):
         raise DataError(f"The 'A' parameter of per_sample_inner_products must have shape {tuple(W.shape)} or "
                         f"(B, {W.shape[0]}, {W.shape[1]}). Got {tuple(A.shape)} instead.")
