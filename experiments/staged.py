@@ -1,0 +1,211 @@
+"""Staged training study: head-only vs warm-up -> freeze -> focus vs gradual unfreezing vs full fine-tuning.
+
+MNIST-5k with 40% symmetric label noise, timm ``test_resnet`` (random init; no network here):
+
+(a) ``a_head_only``   the core main job: warm-up (early stopping) -> frozen features -> learned weights
+                      on the L2 head (``experiments/configs/main.yaml``);
+(b) ``b_focus``       warm-up (all, CE) -> freeze (head + last block, CE) -> focus (head + last block,
+                      weighted CE with alpha from the bilevel engine, recomputed every epoch: strategy B);
+(b2) ``b_focus_once`` as (b) with the weights learned once at the start of the focus stage;
+(c) ``c_gradual``     warm-up -> head -> + last block -> + last 2 blocks -> all, decreasing lr;
+(d) ``d_full``        full fine-tuning with uniform weights.
+
+Staged strategies share the epoch budget (8) and the rule "restore the best clean-validation epoch at
+the end of each stage". Writes one run directory per strategy and seed under ``--out`` (metrics.jsonl
+per epoch, checkpoints per stage, summary.json, DONE), ``results.csv`` (one row per run),
+``results.md`` (mean and std over seeds) and the figure ``staged_curves.{pdf,png}``.
+
+Usage::
+
+    .venv/bin/python -m experiments.staged                 # full study (3 seeds)
+    .venv/bin/python -m experiments.staged --quick         # digits, 1 epoch per stage, 1 seed (~1 min)
+    .venv/bin/python -m experiments.staged --seeds 0 data.noise_rate=0.2
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import yaml
+
+from reweight.config import RunConfig, apply_overrides, from_dict
+from reweight.errors import CarrotError
+
+__all__ = ["STRATEGIES", "main", "run_study"]
+
+log = logging.getLogger(__name__)
+
+CONFIGS = Path(__file__).parent / "configs"
+STRATEGIES = {
+    "a_head_only": "main.yaml",
+    "b_focus": "staged_b_focus.yaml",
+    "b_focus_once": "staged_b_focus_once.yaml",
+    "c_gradual": "staged_c_gradual.yaml",
+    "d_full": "staged_d_full.yaml",
+}
+LABELS = {
+    "a_head_only": "(a) head-only on warm-up features",
+    "b_focus": "(b) warm-up > freeze > focus (B)",
+    "b_focus_once": "(b2) warm-up > freeze > focus, weights once",
+    "c_gradual": "(c) gradual unfreezing",
+    "d_full": "(d) full fine-tuning, uniform",
+}
+SHARED = {"seed", "device", "data", "head", "weights", "hypergrad", "outer"}
+
+
+def _quick(d: Dict[str, Any], staged: bool) -> Dict[str, Any]:
+    d = dict(d)
+    d["data"] = dict(d.get("data", {}), dataset="digits")
+    d["outer"] = dict(d.get("outer", {}), steps=10)
+    if staged:
+        d["stages"] = [dict(s, epochs=min(int(s.get("epochs", 1)), 1)) for s in d["stages"]]
+    else:
+        d["backbone"] = dict(d.get("backbone", {}), epochs=2, patience=1)
+    return d
+
+
+def _load(strategy: str, seed: int, out: Path, quick: bool, overrides: Sequence[str]):
+    from reweight.staging import StagedRunConfig
+
+    path = CONFIGS / STRATEGIES[strategy]
+    d = yaml.safe_load(path.read_text()) or {}
+    staged = strategy != "a_head_only"
+    mine = [o for o in overrides if staged or o.split("=", 1)[0].split(".")[0] in SHARED]
+    d = apply_overrides(d, list(mine) + [f"seed={seed}"])
+    if quick:
+        d = _quick(d, staged)
+    d["name"] = f"{strategy}_s{seed}"
+    d["out_dir"] = str(out)
+    if not staged:
+        d.setdefault("features", {})
+        d["features"] = dict(d["features"], cache_dir=str(out / ".feature_cache"))
+    return from_dict(StagedRunConfig if staged else RunConfig, d)
+
+
+def _head_only(cfg: RunConfig, overwrite: bool, progress: bool) -> Dict[str, Any]:
+    from experiments.main_job import run_main
+    from reweight.features import build_features
+
+    t0 = time.perf_counter()
+    s = run_main(cfg, overwrite=overwrite, progress=progress)
+    wall = time.perf_counter() - t0
+    fs = build_features(cfg.data, cfg.backbone, cfg.features, cfg.seed)  # cache hit: warm-up time and width
+    d = fs.meta["feature_dim"] + (1 if cfg.head.bias else 0)
+    from reweight.backbones import create_backbone
+    from reweight.data import load_dataset
+
+    chans = int(load_dataset(cfg.data.dataset).images.shape[1])
+    total = sum(p.numel() for p in create_backbone(cfg.backbone.model, fs.num_classes, in_chans=chans).parameters())
+    return {
+        "test_acc": s["learned"]["test_acc"], "val_acc": s["learned"]["val_acc"],
+        "test_acc_uniform_head": s["uniform"]["test_acc"], "weights_auroc": s["auroc"],
+        "seconds": float(fs.meta.get("warmup_seconds") or 0.0) + s["seconds"]["learned"] + s["seconds"]["uniform_head"],
+        "wall_seconds": wall, "epochs": len(fs.meta["warmup_history"]),
+        "final_trainable_params": fs.num_classes * d, "max_trainable_params": total,
+    }
+
+
+def _staged(cfg, overwrite: bool, progress: bool) -> Dict[str, Any]:
+    from reweight.staging import run_staged
+
+    t0 = time.perf_counter()
+    out = run_staged(cfg, overwrite=overwrite, progress=progress)
+    s = out.summary
+    return {
+        "test_acc": s["final_test_acc"], "val_acc": s["final_val_acc"], "test_acc_uniform_head": None,
+        "weights_auroc": s["weights_auroc"], "seconds": s["seconds_stages"], "wall_seconds": time.perf_counter() - t0,
+        "epochs": s["epochs"], "final_trainable_params": s["stages"][-1]["trainable_params"],
+        "max_trainable_params": s["max_trainable_params"],
+    }
+
+
+def _markdown(df) -> str:
+    import numpy as np
+
+    g = df.groupby("strategy", sort=False)
+    lines = ["| strategy | test acc | val acc | AUROC of weights | time (s) | epochs | trainable params (final / max) | seeds |",
+             "|---|---|---|---|---|---|---|---|"]
+
+    def ms(x, fmt="{:.4f}"):
+        x = x.dropna()
+        if x.empty:
+            return "--"
+        return fmt.format(x.mean()) + (f" ± {fmt.format(x.std(ddof=1))}" if len(x) > 1 else "")
+
+    for name, r in g:
+        lines.append(f"| {LABELS.get(name, name)} | {ms(r['test_acc'])} | {ms(r['val_acc'])} | {ms(r['weights_auroc'], '{:.3f}')} "
+                     f"| {ms(r['seconds'], '{:.1f}')} | {int(np.round(r['epochs'].mean()))} "
+                     f"| {int(r['final_trainable_params'].iloc[0]):,} / {int(r['max_trainable_params'].iloc[0]):,} | {len(r)} |")
+    return "\n".join(lines) + "\n"
+
+
+def run_study(out: Path, seeds: Sequence[int], strategies: Sequence[str], quick: bool = False,
+              overrides: Sequence[str] = (), overwrite: bool = False, progress: bool = False) -> "Any":
+    """Run every strategy for every seed; write results.csv, results.md and the figure. Returns the table."""
+    import pandas as pd
+
+    from reweight.runs import atomic_write_text
+
+    out = Path(out)
+    cfgs = {(st, sd): _load(st, sd, out, quick, overrides) for st in strategies for sd in seeds}  # validate first
+    rows: List[Dict[str, Any]] = []
+    for (st, sd), cfg in cfgs.items():
+        log.info("strategy %s seed %d", st, sd)
+        res = _head_only(cfg, overwrite, progress) if st == "a_head_only" else _staged(cfg, overwrite, progress)
+        rows.append({"strategy": st, "seed": sd, "run_dir": str(out / cfg.name), **res})
+        print(f"{st:14s} seed {sd}: test acc {res['test_acc']:.4f}  auroc "
+              f"{'--' if res['weights_auroc'] is None else format(res['weights_auroc'], '.3f')}  "
+              f"{res['seconds']:.1f}s", flush=True)
+    df = pd.DataFrame(rows)
+    csv = df.drop(columns=["wall_seconds", "seconds"]).to_csv(index=False, float_format="%.6g")
+    atomic_write_text(out / "results.csv", csv)  # no timings: byte-identical on rerun
+    atomic_write_text(out / "results_timing.csv", df[["strategy", "seed", "seconds", "wall_seconds"]]
+                      .to_csv(index=False, float_format="%.1f"))
+    md = _markdown(df)
+    atomic_write_text(out / "results.md", md)
+    print(md)
+    try:
+        from paper_figs.staged_curves import plot_staged_curves
+
+        paths = plot_staged_curves(out, out / "staged_curves")
+        print("figure:", ", ".join(str(p) for p in paths))
+    except ImportError as e:  # matplotlib missing
+        log.warning("No figure: %s", e)
+    return df
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.staged", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="digits, 1 epoch per stage, 10 outer steps, seed 0 only")
+    p.add_argument("--seeds", type=int, nargs="+", default=None, help="seeds (default: 0 1 2; --quick: 0)")
+    p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
+    p.add_argument("--out", default=None, help="output directory (default runs/staged, --quick: runs/staged_quick)")
+    p.add_argument("--overwrite", action="store_true", help="reuse run directories made by another config")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("-v", "--verbose", action="count", default=0)
+    p.add_argument("overrides", nargs="*", help="dotted overrides for every config, e.g. data.noise_rate=0.2")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(a.verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s")
+    seeds = a.seeds if a.seeds is not None else ([0] if a.quick else [0, 1, 2])
+    out = Path(a.out or ("runs/staged_quick" if a.quick else "runs/staged"))
+    t0 = time.perf_counter()
+    try:
+        run_study(out, seeds, a.strategies, quick=a.quick, overrides=a.overrides, overwrite=a.overwrite,
+                  progress=a.progress and not os.environ.get("CI"))
+    except CarrotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"total {time.perf_counter() - t0:.0f}s; results in {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
