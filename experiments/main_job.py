@@ -83,6 +83,8 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> 
     import pandas as pd
 
     t_start = time.perf_counter()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
     method = make_method(cfg.hypergrad.method, cfg.hypergrad.options)  # bad method/options fail before any write
     tb_writer_cls = _tensorboard_writer_cls() if cfg.tensorboard else None
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=overwrite)

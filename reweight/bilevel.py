@@ -145,9 +145,14 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
         t0 = time.perf_counter()
         sol = solve_head(problem.inner, alpha, W0=W, tol=tol, max_iter=max_iter)
         t_inner = time.perf_counter() - t0
-        hg = hypergradient(method, problem, s.detach(), sol.W, v0=v, name=method_name)
+        try:
+            hg = hypergradient(method, problem, s.detach(), sol.W, v0=v, name=method_name)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"Outer step {step}: {e} The last good checkpoint is kept; "
+                                 f"lower outer.lr or raise head.lam.") from e
         if not math.isfinite(hg.objective):
-            raise NonFiniteError(f"Outer step {step}: objective is non-finite (method {hg.method!r}).")
+            raise NonFiniteError(f"Outer step {step}: the objective (validation loss + penalties) is non-finite "
+                                 f"(method {hg.method!r}).")
         row = _row(step, problem, alpha, sol, hg, evals, corrupted, t_inner)
         if not hg.converged:
             log.warning("Outer step %d: %s hypergradient did not reach its tolerance (relative residual %.2e).",

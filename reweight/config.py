@@ -190,6 +190,7 @@ class RunConfig:
     seed: int = _f(0, "root seed; every random stream is derived from it by name")
     out_dir: str = _f("runs", "parent directory of run directories")
     device: str = _f("cpu", "torch device for head computations (cpu, cuda, cuda:1, ...)")
+    threads: Optional[int] = _f(None, "torch intra-op threads (None = torch's default)")
     tensorboard: bool = _f(False, "also log losses, per-class ESS and weight histograms to <run>/tensorboard")
     data: DataConfig = field(default_factory=DataConfig)
     backbone: BackboneConfig = field(default_factory=BackboneConfig)

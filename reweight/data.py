@@ -293,5 +293,6 @@ def prepare_data(dataset: Dataset, val_fraction: float, test_fraction: float, no
         raise DataError(f"Unknown noise type {noise!r}. Valid: asymmetric, none, symmetric.")
     check_labels(cor.labels, K, "training labels")
     check_labels(dataset.labels[idx["val"]], K, "validation labels")
+    check_labels(dataset.labels[idx["test"]], K, "test labels")
     return Splits(train=train, val=idx["val"], test=idx["test"], train_labels=cor.labels,
                   train_clean_labels=clean, corrupted=cor.corrupted)
