@@ -244,14 +244,20 @@ class StreamingHessian(HeadHessian):
         return out.to(dtype or self.X.dtype)
 
 
-def alpha_grad_from_v(obj: HeadObjective | StreamingObjective, W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def alpha_grad_from_v(obj: HeadObjective | StreamingObjective, W: torch.Tensor, v: torch.Tensor,
+                      P: Optional[torch.Tensor] = None) -> torch.Tensor:
     r""":math:`\partial L_{val}/\partial\alpha_i = -\frac1n g_i^\top V h_i`, ``(n,)``, in one pass.
 
-    Each chunk is multiplied once by the stacked ``[W; V]`` (``2K`` columns), giving both the
-    logits (hence :math:`g_i`) and :math:`V h_i` from one product. Equal to
-    :func:`reweight.hypergrad.alpha_grad_from_v`.
+    With the probabilities ``P`` ``(n, K)`` at ``W`` already known (e.g. from the Hessian used to
+    find ``V``) only :math:`X V^\top` is computed; otherwise each chunk is multiplied once by the
+    stacked ``[W; V]`` (``2K`` columns), giving both the logits (hence :math:`g_i`) and
+    :math:`V h_i` from one product. Equal to :func:`reweight.hypergrad.alpha_grad_from_v`.
     """
     K = W.shape[0]
+    if P is not None:
+        G = P.clone()
+        G[torch.arange(obj.n, device=G.device), obj.y] -= 1
+        return -(G * (obj.X @ v.T)).sum(dim=1) / obj.n
     Wv = torch.cat([W, v]).T  # (D, 2K)
     chunks = obj.X if isinstance(obj.X, ChunkedFeatures) else [(0, obj.n, obj.X)]
     out = []
@@ -289,7 +295,8 @@ def val_alpha_grad(obj: HeadObjective | StreamingObjective, X_val: torch.Tensor,
     obj.check_alpha(alpha)
     H = obj.hessian(W, alpha)
     sol = H.solve(mean_ce_grad(W, X_val, y_val.to(X_val.device)), method=method, tol=tol, max_iter=max_iter, x0=v0)
-    return ValAlphaGrad(alpha_grad_from_v(obj, W, sol.x), v=sol.x, hvps=sol.hvps, rel_residual=sol.rel_residual,
+    P = H.P if isinstance(H.P, torch.Tensor) else None  # in memory: reuse the Hessian's softmax(X W^T)
+    return ValAlphaGrad(alpha_grad_from_v(obj, W, sol.x, P=P), v=sol.x, hvps=sol.hvps, rel_residual=sol.rel_residual,
                         converged=sol.converged)
 
 

@@ -103,6 +103,7 @@ def test_fused_alpha_grad_equals_reference():
     mem = HeadObjective(add_bias(X), y, 4, 0.1)
     v = torch.randn_like(W)
     _close(fused_alpha_grad_from_v(mem, W, v), alpha_grad_from_v(mem, W, v))
+    _close(fused_alpha_grad_from_v(mem, W, v, P=mem.probs(W)), alpha_grad_from_v(mem, W, v))
 
 
 def test_influence_matches_finite_difference_of_val_loss():

@@ -1,0 +1,309 @@
+"""Scaling benchmarks of the head kernels: wall time, peak memory and efficiency vs n, d and K.
+
+::
+
+    python -m experiments.bench_scale --quick            # a minute: small sizes, checks the pipeline
+    python -m experiments.bench_scale                    # sweeps n (1e4..1e6), d (64..2048), K (10..1000), MNIST-5k
+    python -m experiments.bench_scale --sweeps n --name n_only
+
+Each configuration runs in its own subprocess, so the peak resident memory (``ru_maxrss``) belongs
+to that configuration alone. Per configuration, on synthetic float32 features (bias column
+appended, ``D = d + 1``):
+
+* ``matmul``: the plain torch products of the HVP's shapes, ``X @ U^T`` and ``Z^T @ X`` -- the
+  throughput reference (``4 n D K`` FLOPs);
+* ``hvp``: :meth:`reweight.head.HeadHessian.matvec` (``4 n D K`` useful FLOPs) and ``hvp_reference``,
+  the pre-optimisation formula kept here for the before/after comparison;
+* ``hvp_stream``: :class:`reweight.streaming.StreamingHessian` over in-memory chunks of 65,536 rows;
+* ``grad``: :meth:`reweight.head.HeadObjective.grad` (``4 n D K``);
+* ``cg``: one CG hypergradient :func:`reweight.streaming.val_alpha_grad` (``(hvps + 1)·4nDK``: the HVPs,
+  the probabilities and ``X V^T``), which is
+  also the influence of every training sample on the validation loss up to the factor ``-alpha``;
+* attribution (only if :mod:`reweight.attribution` imports; on small problems in float64):
+  ``influence`` (``influence_cg`` scores on the mean validation loss), ``loo`` (exact leave-one-out,
+  seconds per left-out sample), ``trak`` (one projected model).
+
+Efficiency = (useful FLOPs / time) / (FLOP/s of ``matmul`` measured in the same process).
+Writes ``runs/bench_scale/<name>/`` with ``results.csv``, ``results.json``, ``summary.json`` (the
+acceptance numbers: HVP efficiency at n=1e5, d=512, K=100; log-log slope of HVP time in n;
+peak memory of the n=1e6 CG hypergradient) and ``DONE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional
+
+import numpy as np
+
+__all__ = ["BenchScaleConfig", "main", "measure", "plan", "reference_matvec"]
+
+
+@dataclass(frozen=True)
+class BenchScaleConfig:
+    """What the benchmark ran (saved as config.yaml of the run directory)."""
+
+    name: str = field(default="default", metadata={"help": "run name"})
+    out_dir: str = field(default="runs/bench_scale", metadata={"help": "parent directory"})
+    quick: bool = field(default=False, metadata={"help": "small sizes"})
+    sweeps: List[str] = field(default_factory=lambda: ["n", "d", "K", "mnist", "attr"], metadata={"help": "sweeps run"})
+    repeats: int = field(default=5, metadata={"help": "timed repeats per operation (median reported)"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = all cores)"})
+    lam: float = field(default=1e-2, metadata={"help": "L2 strength"})
+    cg_tol: float = field(default=1e-6, metadata={"help": "CG relative residual"})
+    seed: int = field(default=0, metadata={"help": "data seed"})
+
+
+def reference_matvec(H, U):
+    """The HVP formula of ``HeadHessian.matvec`` before optimisation (for the before/after table)."""
+    Ub = U.unsqueeze(0)
+    B = 1
+    Z = H.X @ Ub.reshape(B * H.K, H.D).T
+    Z = Z.reshape(-1, B, H.K)
+    PZ = H.P.unsqueeze(1) * Z
+    M = H.alpha[:, None, None] * (PZ - H.P.unsqueeze(1) * PZ.sum(dim=2, keepdim=True))
+    return ((M.reshape(-1, B * H.K).T @ H.X).reshape(B, H.K, H.D) / H.n + H.lam * Ub)[0]
+
+
+def _median_time(f: Callable[[], Any], repeats: int) -> float:
+    f()  # warm-up (allocator, thread pool)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def _synthetic(n: int, d: int, K: int, seed: int):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    X = torch.empty(n, d + 1)
+    for lo in range(0, n, 1 << 16):  # fill in blocks: no (n, d) temporaries
+        X[lo:lo + (1 << 16), :d].normal_(generator=g)
+    X[:, d] = 1.0
+    y = torch.randint(0, K, (n,), generator=g)
+    alpha = torch.rand(n, generator=g) + 0.5
+    Xv = torch.cat([torch.randn(1000, d, generator=g), torch.ones(1000, 1)], 1)
+    yv = torch.randint(0, K, (1000,), generator=g)
+    W = 0.05 * torch.randn(K, d + 1, generator=g)
+    return X, y, alpha, Xv, yv, W
+
+
+def _mnist(seed: int):
+    import torch
+
+    from experiments.main_job import build_problem
+    from reweight.config import load_config
+    from reweight.features import build_features
+
+    cfg = load_config(None, [f"seed={seed}", "data.dataset=mnist5k"])
+    fs = build_features(cfg.data, cfg.backbone, cfg.features, cfg.seed)
+    problem, _ = build_problem(cfg, fs)
+    g = torch.Generator().manual_seed(seed)
+    n, D = problem.inner.X.shape
+    alpha = torch.ones(n)
+    return problem.inner.X, problem.inner.y, alpha, problem.X_val, problem.y_val, 0.05 * torch.randn(problem.inner.K, D, generator=g)
+
+
+def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
+    """Time the operations of one configuration in this process (see the module doc)."""
+    import torch
+
+    from reweight.head import HeadHessian, HeadObjective, solve_head
+    from reweight.streaming import ChunkedFeatures, StreamingObjective, val_alpha_grad
+
+    if spec.get("threads"):
+        torch.set_num_threads(int(spec["threads"]))
+    reps, lam = int(spec["repeats"]), float(spec["lam"])
+    t0 = time.perf_counter()
+    if spec["source"] == "mnist5k":
+        X, y, alpha, Xv, yv, W = _mnist(spec["seed"])
+        K = int(y.max()) + 1
+    else:
+        K = spec["K"]
+        X, y, alpha, Xv, yv, W = _synthetic(spec["n"], spec["d"], K, spec["seed"])
+    n, D = X.shape
+    row: Dict[str, Any] = {"source": spec["source"], "sweep": spec["sweep"], "n": n, "d": D - 1, "K": K,
+                           "threads": torch.get_num_threads(), "setup_s": time.perf_counter() - t0}
+    obj = HeadObjective(X, y, K, lam)
+    H = HeadHessian(X, obj.probs(W), alpha, lam)
+    U = torch.randn(K, D, generator=torch.Generator().manual_seed(1))
+    flops = 4.0 * n * D * K
+    Z = X @ U.T
+    t_mm = _median_time(lambda: (torch.mm(X, U.T), torch.mm(Z.T, X)), reps)
+    del Z
+    row.update(matmul_s=t_mm, matmul_gflops=flops / t_mm / 1e9)
+    ops = spec["ops"]
+
+    def rec(name: str, seconds: float, useful: Optional[float], **extra: Any) -> None:
+        row[f"{name}_s"] = seconds
+        if useful is not None:
+            row[f"{name}_eff"] = (useful / seconds) / (flops / t_mm)
+        row.update({f"{name}_{k}": v for k, v in extra.items()})
+
+    if "hvp" in ops:
+        rec("hvp", _median_time(lambda: H.matvec(U), reps), flops)
+    if "hvp_reference" in ops:
+        rec("hvp_reference", _median_time(lambda: reference_matvec(H, U), reps), flops)
+    if "hvp_stream" in ops:
+        Hs = StreamingObjective(ChunkedFeatures(X, 65536), y, K, lam).hessian(W, alpha)
+        rec("hvp_stream", _median_time(lambda: Hs.matvec(U), reps), flops)
+        del Hs
+    if "grad" in ops:
+        rec("grad", _median_time(lambda: obj.grad(W, alpha), reps), flops)
+    if "cg" in ops:
+        t = time.perf_counter()
+        vag = val_alpha_grad(obj, Xv, yv, W, alpha, method="cg", tol=float(spec["cg_tol"]), max_iter=500)
+        sec = time.perf_counter() - t
+        # useful work: the HVPs, softmax(X W^T) for the Hessian (2nDK) and X V^T for dL/dalpha (2nDK)
+        rec("cg", sec, (vag.hvps + 1) * flops, hvps=vag.hvps, rel_residual=vag.rel_residual)
+    attr = [o for o in ops if o in ("influence", "loo", "trak")]
+    if attr:
+        try:
+            from reweight.attribution import TRAK, AttributionProblem, InfluenceCG, exact_loo
+        except ImportError as e:  # written by another engineer; benchmark it only when present
+            row["attribution_skipped"] = f"reweight.attribution unavailable: {e}"
+        else:
+            X64, Xv64 = X.double(), Xv.double()
+            t = time.perf_counter()
+            prob = AttributionProblem.from_data(X64, y, K, lam, alpha=alpha.double(), tol=1e-10)
+            row["attr_fit_head_s"] = time.perf_counter() - t
+            if "influence" in attr:
+                t = time.perf_counter()
+                m = InfluenceCG(tol=1e-8)
+                m.fit(prob)
+                m.scores(Xv64, yv, reduce="mean")
+                rec("influence", time.perf_counter() - t, None)
+            if "loo" in attr:
+                sub = torch.arange(min(n, 16))
+                t = time.perf_counter()
+                exact_loo(prob, sub, X_val=Xv64, y_val=yv, tol=1e-9)
+                rec("loo_per_sample", (time.perf_counter() - t) / len(sub), None)
+            if "trak" in attr:
+                t = time.perf_counter()
+                m = TRAK(proj_dim=min(256, K * D), n_models=1)
+                m.fit(prob)
+                m.scores(Xv64, yv, reduce="mean")
+                rec("trak", time.perf_counter() - t, None)
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    return row
+
+
+def plan(cfg: BenchScaleConfig) -> List[Dict[str, Any]]:
+    """The configurations of the sweeps in ``cfg`` (each one subprocess)."""
+    base = {"repeats": cfg.repeats, "lam": cfg.lam, "cg_tol": cfg.cg_tol, "seed": cfg.seed, "threads": cfg.threads,
+            "source": "synthetic"}
+    core = ["hvp", "hvp_reference", "hvp_stream", "grad", "cg"]
+    if cfg.quick:
+        ns, ds, Ks, n0, d0, K0 = [10_000, 30_000], [64, 256], [10, 100], 30_000, 128, 30
+        attr_ns = [2_000]
+    else:
+        ns, ds, Ks, n0, d0, K0 = ([10_000, 30_000, 100_000, 300_000, 1_000_000], [64, 128, 256, 512, 1024, 2048],
+                                  [10, 30, 100, 300, 1000], 100_000, 512, 100)
+        attr_ns = [10_000, 30_000, 100_000]
+    specs: List[Dict[str, Any]] = []
+    if "d" in cfg.sweeps:
+        specs += [dict(base, sweep="d", n=n0, d=d, K=K0, ops=core) for d in ds]
+    if "K" in cfg.sweeps:
+        specs += [dict(base, sweep="K", n=n0, d=d0, K=K, ops=core) for K in Ks]
+    if "mnist" in cfg.sweeps:
+        specs.append(dict(base, sweep="mnist", source="mnist5k", n=0, d=0, K=0, ops=core + ["influence", "loo", "trak"]))
+    if "attr" in cfg.sweeps:
+        specs += [dict(base, sweep="attr", n=n, d=64, K=10, ops=["hvp", "cg", "influence", "loo", "trak"]) for n in attr_ns]
+    if "n" in cfg.sweeps:  # last: the n = 1e6 configuration is the heaviest
+        specs += [dict(base, sweep="n", n=n, d=d0, K=K0, ops=core) for n in ns]
+    return specs
+
+
+def _loglog_slope(ns, ts) -> float:
+    return float(np.polyfit(np.log(np.asarray(ns, float)), np.log(np.asarray(ts, float)), 1)[0])
+
+
+def _summarise(df) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    ref = df[(df.source == "synthetic") & (df.n == 100_000) & (df.d == 512) & (df.K == 100)]
+    if len(ref):
+        r = ref.iloc[0]
+        out["hvp_efficiency_n1e5_d512_K100"] = float(r["hvp_eff"])
+        out["hvp_reference_efficiency_n1e5_d512_K100"] = float(r.get("hvp_reference_eff", float("nan")))
+        out["matmul_gflops_n1e5_d512_K100"] = float(r["matmul_gflops"])
+    ns = df[df.sweep == "n"].sort_values("n")
+    if len(ns) >= 2:
+        out["hvp_loglog_slope_in_n"] = _loglog_slope(ns.n, ns.hvp_s)
+        out["cg_loglog_slope_in_n"] = _loglog_slope(ns.n, ns.cg_s / (ns.cg_hvps + 1))
+        out["n_range"] = [int(ns.n.min()), int(ns.n.max())]
+        big = ns[ns.n == ns.n.max()].iloc[0]
+        out["largest_n"] = {"n": int(big.n), "cg_s": float(big.cg_s), "cg_hvps": int(big.cg_hvps),
+                            "peak_rss_gib": float(big.peak_rss_mb) / 1024}
+    return out
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m experiments.bench_scale", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
+    ap.add_argument("--name", default=None, help="run name (default: quick or default)")
+    ap.add_argument("--out-dir", default="runs/bench_scale")
+    ap.add_argument("--sweeps", default="n,d,K,mnist,attr", help="comma-separated subset of n,d,K,mnist,attr")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default: all cores)")
+    ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker is not None:
+        print("RESULT " + json.dumps(measure(json.loads(args.worker))), flush=True)
+        return 0
+
+    import pandas as pd
+
+    from reweight.runs import RunDir
+
+    sweeps = [s for s in args.sweeps.split(",") if s]
+    bad = [s for s in sweeps if s not in ("n", "d", "K", "mnist", "attr")]
+    if bad:
+        ap.error(f"unknown sweep {bad[0]!r}; valid: n, d, K, mnist, attr")
+    cfg = BenchScaleConfig(name=args.name or ("quick" if args.quick else "default"), out_dir=args.out_dir,
+                           quick=args.quick, sweeps=sweeps, repeats=args.repeats, threads=args.threads)
+    run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=True)
+    run.write_env(cfg.seed, "cpu")
+    rows = []
+    for spec in plan(cfg):
+        label = f"{spec['sweep']}: n={spec['n']} d={spec['d']} K={spec['K']} ({spec['source']})"
+        print(f"[bench_scale] {label} ...", flush=True)
+        t = time.perf_counter()
+        p = subprocess.run([sys.executable, "-m", "experiments.bench_scale", "--worker", json.dumps(spec)],
+                           capture_output=True, text=True, timeout=args.timeout, env=dict(os.environ))
+        lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
+        if p.returncode != 0 or not lines:
+            print(f"[bench_scale]   failed (rc={p.returncode}): {p.stderr[-800:]}", flush=True)
+            rows.append({"source": spec["source"], "sweep": spec["sweep"], "n": spec["n"], "d": spec["d"], "K": spec["K"],
+                         "error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc={p.returncode}"})
+            continue
+        row = json.loads(lines[-1][len("RESULT "):])
+        rows.append(row)
+        print(f"[bench_scale]   {time.perf_counter() - t:.1f}s  hvp_eff={row.get('hvp_eff', float('nan')):.2f} "
+              f"peak={row['peak_rss_mb'] / 1024:.2f} GiB", flush=True)
+        df = pd.DataFrame(rows)
+        run.write_text("results.csv", df.to_csv(index=False, float_format="%.6g"))
+    df = pd.DataFrame(rows)
+    run.write_text("results.csv", df.to_csv(index=False, float_format="%.6g"))
+    run.write_json("results.json", rows)
+    summary = _summarise(df) if "error" not in df or df["error"].isna().all() else _summarise(df[df["error"].isna()])
+    run.finish(summary)
+    print(json.dumps(summary, indent=2, sort_keys=True))
+    print(f"run directory: {run.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
