@@ -4,7 +4,7 @@ VENV   ?= .venv
 PY      = $(VENV)/bin/python
 STAMP   = $(VENV)/.installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean paper paper-quick
 
 $(STAMP): setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,5 +21,11 @@ demo: $(STAMP)
 test: $(STAMP)
 	$(PY) -m pytest -q
 
+paper: $(STAMP)
+	$(PY) -m experiments.paper --out paper_out
+
+paper-quick: $(STAMP)
+	$(PY) -m experiments.paper --quick --out paper_out_quick
+
 clean:
-	rm -rf $(VENV) .carrot_cache runs
+	rm -rf $(VENV) .carrot_cache runs paper_out paper_out_quick bench_out
