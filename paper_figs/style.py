@@ -72,7 +72,7 @@ def apply_style() -> None:
 
 
 def save_figure(fig: Any, stem: str | Path, dpi: int = 300) -> List[Path]:
-    """Save ``fig`` as ``<stem>.pdf`` and ``<stem>.png`` (creating the parent folder); returns both paths.
+    """Save ``fig`` as ``<stem>.pdf`` and ``<stem>.png`` atomically (creating the parent folder); returns both paths.
 
     Args:
         fig: a matplotlib figure.
@@ -87,6 +87,21 @@ def save_figure(fig: Any, stem: str | Path, dpi: int = 300) -> List[Path]:
         stem = stem.with_suffix("")
     stem.parent.mkdir(parents=True, exist_ok=True)
     pdf, png = Path(f"{stem}.pdf"), Path(f"{stem}.png")
-    fig.savefig(pdf, metadata={"CreationDate": None, "Creator": None, "Producer": None})
-    fig.savefig(png, dpi=dpi, metadata={"Software": None})
+    _atomic_savefig(fig, pdf, format="pdf", metadata={"CreationDate": None, "Creator": None, "Producer": None})
+    _atomic_savefig(fig, png, format="png", dpi=dpi, metadata={"Software": None})
     return [pdf, png]
+
+
+def _atomic_savefig(fig: Any, path: Path, **kwargs: Any) -> None:
+    """``fig.savefig`` to a temporary file in the same folder, then rename: readers never see half a figure."""
+    import os
+    import tempfile
+
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, **kwargs)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -1,0 +1,287 @@
+"""The exact-LOO sanity suite: every attribution estimator against exact leave-one-out.
+
+One command::
+
+    .venv/bin/python -m experiments.sanity            # full study (3 lambdas x 3 seeds, m=200)
+    .venv/bin/python -m experiments.sanity --quick    # smoke run (1 lambda, 1 seed, m=60)
+    .venv/bin/python -m experiments.sanity lams=[0.01] subset_size=300 seeds=[0,1,2,3]
+
+Features: ``reweight.features.build_features`` with the default config (MNIST-5k, 40% symmetric
+label noise on the training split, frozen timm ``test_resnet``; the same cached features as the
+main job), bias column appended, float64. For every ``lam`` and ``seed``:
+
+1. fit the head ``W*`` (uniform weights) to ``||grad F|| <= 1e-10``;
+2. draw ``subset_size`` training samples and ``n_queries`` test queries (seed streams
+   ``sanity_subset``/``sanity_queries``) and compute exact LOO on the subset (Newton from ``W*``):
+   the change of the mean validation loss and of every query's loss;
+3. fit and score every registered attribution method (all ``n`` training samples; targets: the
+   mean validation loss and each query), timing both;
+4. correlate scores with LOO on the subset: Spearman, Kendall, Pearson and top-10% overlap (the
+   10% most helpful samples by LOO vs by the estimate), for the validation target and averaged
+   over queries; LDS on ``lds_subsets`` random half-subsets (same targets).
+
+The seed varies the subset, the queries, TracIn's SGD order, TRAK's subsets/projections and the
+LDS subsets; the features (and hence ``W*``) are those of ``feature_seed``.
+
+Writes ``runs/sanity/<name>/``: ``config.yaml``, ``env.json``, ``per_seed.csv``, ``summary.csv``,
+``table.md``, ``loo_scores.csv`` (LOO and estimates on the subset, for ``paper_figs/loo_scatter.py``),
+``summary.json`` and ``DONE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from reweight.attribution import (ATTRIBUTION, AttributionProblem, exact_loo, lds, make_attribution,
+                                  random_subsets, subset_outputs)
+from reweight.config import BackboneConfig, DataConfig, FeatureConfig, load_config
+from reweight.errors import ConfigError
+from reweight.features import FeatureSet, build_features
+from reweight.head import add_bias
+from reweight.runs import RunDir
+from reweight.seeding import numpy_rng
+
+__all__ = ["SanityConfig", "correlations", "load_problem", "main", "pick_queries", "run_sanity"]
+
+log = logging.getLogger(__name__)
+
+
+def _f(default: Any, help: str) -> Any:
+    """A dataclass field with a default (copied if mutable) and a help text."""
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+def _check(cond: bool, name: str, value: Any, expected: str) -> None:
+    if not cond:
+        raise ConfigError(f"The '{name}' parameter of SanityConfig must be {expected}. Got {value!r} instead.")
+
+
+@dataclass(frozen=True)
+class SanityConfig:
+    """The sanity study: which features, which lambdas/seeds, how big the LOO subset, which methods."""
+
+    name: str = _f("main", "run name (directory <out_dir>/sanity/<name>)")
+    out_dir: str = _f("runs", "parent directory of run directories")
+    feature_seed: int = _f(0, "root seed of the features (split, noise, backbone warm-up)")
+    seeds: List[int] = _f([0, 1, 2], "seeds of the subset, queries, stochastic estimators and LDS subsets")
+    lams: List[float] = _f([0.001, 0.01, 0.1], "L2 strengths lambda of the head (each > 0)")
+    subset_size: int = _f(200, "m: training samples with exact LOO ground truth")
+    n_queries: int = _f(20, "test queries for per-query targets")
+    lds_subsets: int = _f(32, "random half-subsets for the LDS")
+    methods: List[str] = _f([], "attribution methods (empty = every registered one)")
+    method_options: Dict[str, Any] = _f({}, "per-method options, e.g. {trak: {proj_dim: 128}}")
+    loo_tol: float = _f(1e-10, "gradient-norm tolerance of W* and of every LOO solve (float64)")
+    threads: int = _f(0, "torch threads (0 = leave torch's default)")
+    data: DataConfig = field(default_factory=DataConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def __post_init__(self) -> None:
+        _check(len(self.lams) >= 1 and all(x > 0 for x in self.lams), "lams", self.lams,
+               "a non-empty list of numbers > 0")
+        _check(len(self.seeds) >= 1, "seeds", self.seeds, "a non-empty list")
+        _check(self.subset_size >= 10, "subset_size", self.subset_size, ">= 10")
+        _check(self.n_queries >= 1, "n_queries", self.n_queries, ">= 1")
+        _check(self.lds_subsets >= 2, "lds_subsets", self.lds_subsets, ">= 2")
+        _check(self.loo_tol > 0, "loo_tol", self.loo_tol, "> 0")
+        for m in self.methods:
+            ATTRIBUTION.get(m)  # unknown name -> ConfigError listing the valid ones
+        unknown = [m for m in self.method_options if m not in ATTRIBUTION]
+        _check(not unknown, "method_options", unknown, "keyed by registered method names")
+
+
+QUICK = ["lams=[0.1]", "seeds=[0]", "subset_size=60", "n_queries=5", "lds_subsets=8",
+         "method_options={trak: {n_models: 2, proj_dim: 128}, tracin: {epochs: 5}}", "name=quick"]
+
+
+def load_problem(cfg: SanityConfig, lam: float, fs: Optional[FeatureSet] = None
+                 ) -> Tuple[AttributionProblem, FeatureSet, Dict[str, torch.Tensor]]:
+    """Features of ``cfg`` (cached) -> float64 bias-augmented splits -> the head fitted at ``lam``."""
+    if fs is None:
+        fs = build_features(cfg.data, cfg.backbone, cfg.features, cfg.feature_seed)
+    X = add_bias(fs.X_train.to(torch.float64))
+    splits = {"X_val": add_bias(fs.X_val.to(torch.float64)), "y_val": fs.y_val,
+              "X_test": add_bias(fs.X_test.to(torch.float64)), "y_test": fs.y_test}
+    pr = AttributionProblem.from_data(X, fs.y_train, fs.num_classes, lam, tol=cfg.loo_tol)
+    return pr, fs, splits
+
+
+def pick_queries(n_test: int, k: int, seed: int) -> torch.Tensor:
+    """``k`` distinct test rows (stream ``sanity_queries``)."""
+    return torch.from_numpy(np.sort(numpy_rng(seed, "sanity_queries").choice(n_test, size=min(k, n_test), replace=False)))
+
+
+def _top_overlap(a: np.ndarray, b: np.ndarray, frac: float = 0.1) -> float:
+    k = max(1, int(round(frac * a.size)))
+    return len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k
+
+
+def correlations(est: np.ndarray, truth: np.ndarray) -> Dict[str, float]:
+    """Spearman, Kendall, Pearson (scipy.stats) and top-10% overlap of ``est`` vs ``truth``."""
+    from scipy.stats import kendalltau, pearsonr, spearmanr
+
+    if np.ptp(est) == 0 or np.ptp(truth) == 0:
+        return {"spearman": math.nan, "kendall": math.nan, "pearson": math.nan, "top10": math.nan}
+    return {"spearman": float(spearmanr(est, truth).statistic), "kendall": float(kendalltau(est, truth).statistic),
+            "pearson": float(pearsonr(est, truth).statistic), "top10": _top_overlap(est, truth)}
+
+
+def _method_names(cfg: SanityConfig) -> List[str]:
+    return list(cfg.methods) if cfg.methods else ATTRIBUTION.names()
+
+
+def _one(cfg: SanityConfig, pr: AttributionProblem, fs: FeatureSet, splits: Dict[str, torch.Tensor], lam: float,
+         seed: int, progress: bool) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
+    """One (lam, seed) cell: LOO, every method, correlations, LDS. Returns (metric rows, score rows)."""
+    n = pr.n
+    subset = torch.from_numpy(np.sort(numpy_rng(seed, "sanity_subset").choice(n, size=min(cfg.subset_size, n),
+                                                                               replace=False)))
+    q = pick_queries(splits["X_test"].shape[0], cfg.n_queries, seed)
+    Xq, yq = splits["X_test"][q], splits["y_test"][q]
+    Xv, yv = splits["X_val"], splits["y_val"]
+    loo = exact_loo(pr, subset, Xv, yv, Xq, yq, tol=cfg.loo_tol, progress=progress)
+    masks = random_subsets(n, cfg.lds_subsets, 0.5, seed=seed)
+    outs = subset_outputs(pr, masks, Xv, yv, Xq, yq, tol=1e-8)
+    base = {"lam": lam, "seed": seed, "n_train": n, "m": int(subset.numel()), "n_queries": int(q.numel()),
+            "corrupted_in_subset": int(fs.corrupted[subset].sum()), "val_acc": float(((Xv @ pr.W.T).argmax(1) == yv).double().mean())}
+    rows: List[Dict[str, Any]] = [{**base, "method": "exact_loo", "target": "val", "seconds": loo.total_seconds,
+                                   "loo_median_ms": float(loo.seconds.median()) * 1e3,
+                                   "loo_converged": bool(loo.converged.all())}]
+    score_rows: List[Dict[str, Any]] = []
+    truth_v = loo.delta_val.numpy()
+    for name in _method_names(cfg):
+        opts = dict(cfg.method_options.get(name, {}))
+        if "seed" in _fields(name):
+            opts.setdefault("seed", seed)
+        m = make_attribution(name, opts)
+        t0 = time.perf_counter()
+        m.fit(pr)
+        t_fit = time.perf_counter() - t0
+        s_val = m.scores(Xv, yv, reduce="mean")
+        t_val = m.last_score_seconds
+        s_q = m.scores(Xq, yq)
+        t_q = m.last_score_seconds
+        est_v = s_val[subset].numpy()
+        r_val = correlations(est_v, truth_v)
+        r_q = [correlations(s_q[j, subset].numpy(), loo.delta_query[:, j].numpy()) for j in range(q.numel())]
+        lds_v = float(lds(s_val, masks, outs.val)[0])
+        lds_q = lds(s_q, masks, outs.query)
+        timing = {"fit_seconds": t_fit, "score_val_seconds": t_val, "score_query_seconds": t_q,
+                  "seconds": t_fit + t_val}
+        rows.append({**base, "method": name, "target": "val", **r_val, "lds": lds_v, **timing})
+        qmean = {k: float(np.nanmean([r[k] for r in r_q])) for k in ("spearman", "kendall", "pearson", "top10")}
+        rows.append({**base, "method": name, "target": "query", **qmean, "lds": float(torch.nanmean(lds_q)), **timing})
+        for j, i in enumerate(subset.tolist()):
+            score_rows.append({"lam": lam, "seed": seed, "method": name, "train_index": i,
+                               "corrupted": bool(fs.corrupted[i]), "loo": float(truth_v[j]), "estimate": float(est_v[j])})
+        log.info("lam=%g seed=%d %-20s val rho=%.3f query rho=%.3f lds=%.3f (%.2fs)", lam, seed, name,
+                 r_val["spearman"], qmean["spearman"], lds_v, t_fit + t_val)
+    return rows, score_rows
+
+
+def _fields(name: str) -> List[str]:
+    import dataclasses
+
+    cls = ATTRIBUTION.get(name)
+    return [f.name for f in dataclasses.fields(cls)] if dataclasses.is_dataclass(cls) else []
+
+
+def summarize(per_seed):
+    """Mean and std over seeds per (target, lam, method) -> DataFrame."""
+    import pandas as pd
+
+    df = per_seed[per_seed["method"] != "exact_loo"]
+    cols = ["spearman", "kendall", "pearson", "top10", "lds", "seconds"]
+    g = df.groupby(["target", "lam", "method"], sort=True)[cols]
+    mean, std = g.mean(), g.std(ddof=0)
+    out = mean.add_suffix("_mean").join(std.add_suffix("_std")).reset_index()
+    out["n_seeds"] = g.size().values
+    return out
+
+
+def markdown_table(summary, per_seed) -> str:
+    """Markdown tables (one per target) of mean +- std over seeds."""
+    lines = []
+    loo = per_seed[per_seed["method"] == "exact_loo"].groupby("lam")["seconds"].mean()
+    for target, title in (("val", "Target: mean validation loss"), ("query", "Target: per-query loss (mean over queries)")):
+        lines += [f"**{title}** (mean ± std over {int(summary['n_seeds'].max())} seeds)", "",
+                  "| lambda | method | Spearman | Kendall | Pearson | top-10% | LDS | seconds (fit+score, all n) |",
+                  "|---:|---|---:|---:|---:|---:|---:|---:|"]
+        for _, r in summary[summary["target"] == target].iterrows():
+            cell = lambda k, d=3: f"{r[k + '_mean']:.{d}f} ± {r[k + '_std']:.{d}f}"
+            lines.append(f"| {r['lam']:g} | {r['method']} | {cell('spearman')} | {cell('kendall')} | {cell('pearson')} | "
+                         f"{cell('top10', 2)} | {cell('lds')} | {r['seconds_mean']:.2f} |")
+        lines.append("")
+    lines.append("Exact LOO on the subset (all samples, warm-started Newton), seconds: " +
+                 ", ".join(f"lambda={lam:g}: {s:.2f}" for lam, s in loo.items()))
+    return "\n".join(lines) + "\n"
+
+
+def run_sanity(cfg: SanityConfig, overwrite: bool = False, progress: bool = False) -> Dict[str, Any]:
+    """Run the study of ``cfg`` into ``<out_dir>/sanity/<name>``; returns the summary dict."""
+    import pandas as pd
+
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    run = RunDir(Path(cfg.out_dir) / "sanity" / cfg.name, cfg, overwrite=overwrite)
+    run.write_env(cfg.feature_seed, "cpu")
+    t0 = time.perf_counter()
+    try:
+        fs = None
+        rows, score_rows = [], []
+        for lam in cfg.lams:
+            pr, fs, splits = load_problem(cfg, lam, fs)
+            for seed in cfg.seeds:
+                r, s = _one(cfg, pr, fs, splits, lam, seed, progress)
+                rows += r
+                score_rows += s
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            run.fail(f"{type(e).__name__}: {e}")
+        raise
+    per_seed = pd.DataFrame(rows)
+    summary = summarize(per_seed)
+    # timings vary run to run; keep them out of the byte-stable tables except where asked for
+    run.write_text("per_seed.csv", per_seed.to_csv(index=False, float_format="%.6g"))
+    run.write_text("summary.csv", summary.to_csv(index=False, float_format="%.6g"))
+    run.write_text("loo_scores.csv", pd.DataFrame(score_rows).to_csv(index=False, float_format="%.9g"))
+    table = markdown_table(summary, per_seed)
+    run.write_text("table.md", table)
+    out = {"n_train": int(fs.X_train.shape[0]), "feature_dim": int(fs.X_train.shape[1]), "lams": list(cfg.lams),
+           "seeds": list(cfg.seeds), "methods": _method_names(cfg), "seconds": time.perf_counter() - t0,
+           "feature_cache_hit": fs.meta["cache_hit"], "noise": cfg.data.noise, "noise_rate": cfg.data.noise_rate}
+    run.finish(out)
+    return {**out, "table": table, "run_dir": str(run.path)}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m experiments.sanity", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=None, help="YAML file with SanityConfig fields")
+    p.add_argument("--quick", action="store_true", help="smoke run: " + " ".join(QUICK))
+    p.add_argument("--overwrite", action="store_true", help="reuse a run directory made by another config")
+    p.add_argument("--progress", action="store_true", help="progress bars")
+    p.add_argument("-v", "--verbose", action="store_true", help="log every method")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lams=[0.1] subset_size=300")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    cfg = load_config(args.config, (QUICK if args.quick else []) + list(args.overrides), cls=SanityConfig)
+    res = run_sanity(cfg, overwrite=args.overwrite, progress=args.progress)
+    print(res["table"])
+    print(f"run directory: {res['run_dir']} ({res['seconds']:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
