@@ -19,6 +19,7 @@ registered attribution method. Writes ``<out>/bench.json`` (and a RunDir with ``
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import time
 from dataclasses import dataclass, field
@@ -61,7 +62,7 @@ def run_bench(cfg: BenchConfig, out: Path, overwrite: bool = False) -> Dict[str,
     subset = torch.from_numpy(np.sort(numpy_rng(cfg.seed, "bench_subset").choice(pr.n, size=cfg.m, replace=False)))
     res: Dict[str, Any] = {"n_train": pr.n, "K": pr.K, "D": pr.D, "lam": cfg.lam, "m": cfg.m, "tol": cfg.tol,
                            "threads": cfg.threads, "platform": platform.processor() or platform.machine(),
-                           "full_fit_seconds": t_fit, "loo": {}}
+                           "full_fit_seconds": t_fit, "load_average_start": list(os.getloadavg()), "loo": {}}
     loo = {}
     for ws in ("newton_step", "optimum", "none"):
         r = exact_loo(pr, subset, sp["X_val"], sp["y_val"], tol=cfg.tol, warm_start=ws)
@@ -89,6 +90,7 @@ def run_bench(cfg: BenchConfig, out: Path, overwrite: bool = False) -> Dict[str,
         res["estimators"][name] = {"fit_seconds": m.fit_seconds, "score_seconds": m.last_score_seconds,
                                    "total_seconds": total, "n_scored": int(s.numel())}
     res["seconds"] = time.perf_counter() - t0
+    res["load_average_end"] = list(os.getloadavg())  # the machine is shared: record how busy it was
     atomic_write_json(Path(out) / "bench.json", res)
     run.finish({k: v for k, v in res.items() if k != "estimators"})
     return res

@@ -24,7 +24,8 @@ The seed varies the subset, the queries, TracIn's SGD order, TRAK's subsets/proj
 LDS subsets; the features (and hence ``W*``) are those of ``feature_seed``.
 
 Writes ``runs/sanity/<name>/``: ``config.yaml``, ``env.json``, ``per_seed.csv``, ``summary.csv``,
-``table.md``, ``loo_scores.csv`` (LOO and estimates on the subset, for ``paper_figs/loo_scatter.py``),
+``timings.csv`` (wall times; everything else is byte-identical on a rerun), ``table.md``,
+``loo_scores.csv`` (LOO and estimates on the subset, for ``paper_figs/loo_scatter.py``),
 ``summary.json`` and ``DONE``.
 """
 
@@ -33,6 +34,7 @@ from __future__ import annotations
 import argparse
 import logging
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,13 +254,19 @@ def run_sanity(cfg: SanityConfig, overwrite: bool = False, progress: bool = Fals
         raise
     per_seed = pd.DataFrame(rows)
     summary = summarize(per_seed)
-    # timings vary run to run; keep them out of the byte-stable tables except where asked for
-    run.write_text("per_seed.csv", per_seed.to_csv(index=False, float_format="%.6g"))
-    run.write_text("summary.csv", summary.to_csv(index=False, float_format="%.6g"))
+    # wall times vary from run to run: they live in timings.csv (and table.md) only, so that
+    # per_seed.csv, summary.csv and loo_scores.csv are byte-identical when a run is repeated
+    tcols = ["fit_seconds", "score_val_seconds", "score_query_seconds", "seconds", "loo_median_ms"]
+    keys = ["lam", "seed", "method", "target"]
+    run.write_text("per_seed.csv", per_seed.drop(columns=tcols).to_csv(index=False, float_format="%.6g"))
+    run.write_text("timings.csv", per_seed[keys + tcols].to_csv(index=False, float_format="%.4g"))
+    run.write_text("summary.csv", summary.drop(columns=["seconds_mean", "seconds_std"]).to_csv(
+        index=False, float_format="%.6g"))
     run.write_text("loo_scores.csv", pd.DataFrame(score_rows).to_csv(index=False, float_format="%.9g"))
     table = markdown_table(summary, per_seed)
     run.write_text("table.md", table)
-    out = {"n_train": int(fs.X_train.shape[0]), "feature_dim": int(fs.X_train.shape[1]), "lams": list(cfg.lams),
+    out = {"load_average": list(os.getloadavg()), "n_train": int(fs.X_train.shape[0]),
+           "feature_dim": int(fs.X_train.shape[1]), "lams": list(cfg.lams),
            "seeds": list(cfg.seeds), "methods": _method_names(cfg), "seconds": time.perf_counter() - t0,
            "feature_cache_hit": fs.meta["cache_hit"], "noise": cfg.data.noise, "noise_rate": cfg.data.noise_rate}
     run.finish(out)

@@ -1,0 +1,105 @@
+"""End-to-end tests of the attribution experiments and figures on tiny synthetic features (seconds)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from reweight.config import load_config
+from reweight.errors import ConfigError
+from reweight.features import FeatureSet
+
+
+def _features(n=150, d=4, K=3, seed=0) -> FeatureSet:
+    g = torch.Generator().manual_seed(seed)
+    W = 2 * torch.randn(K, d, generator=g)
+
+    def draw(m):
+        X = torch.randn(m, d, generator=g)
+        return X, torch.multinomial(torch.softmax(X @ W.T, 1), 1, generator=g)[:, 0]
+
+    Xtr, ytr = draw(n)
+    Xv, yv = draw(60)
+    Xte, yte = draw(40)
+    corrupted = torch.zeros(n, dtype=torch.bool)
+    corrupted[:15] = True
+    return FeatureSet(X_train=Xtr, y_train=ytr, y_train_clean=ytr, corrupted=corrupted, X_val=Xv, y_val=yv,
+                      X_test=Xte, y_test=yte, num_classes=K, train_index=torch.arange(n),
+                      meta={"cache_hit": True, "feature_dim": d})
+
+
+@pytest.fixture()
+def fake_features(monkeypatch):
+    import experiments.sanity as S
+
+    fs = _features()
+    monkeypatch.setattr(S, "build_features", lambda *a, **k: fs)
+    return fs
+
+
+TINY = ["lams=[0.1]", "seeds=[0,1]", "subset_size=20", "n_queries=3", "lds_subsets=4",
+        "method_options={trak: {n_models: 2, proj_dim: 8}, tracin: {epochs: 2}}"]
+
+
+def test_sanity_end_to_end_is_reproducible(fake_features, tmp_path):
+    from experiments.sanity import SanityConfig, run_sanity
+    from paper_figs.loo_scatter import plot_loo_scatter
+
+    outs = []
+    for name in ("a", "b"):
+        cfg = load_config(None, TINY + [f"out_dir={tmp_path}", f"name={name}"], cls=SanityConfig)
+        res = run_sanity(cfg)
+        outs.append(tmp_path / "sanity" / name)
+        assert (outs[-1] / "DONE").is_file()
+        assert "influence_exact" in res["table"]
+    for f in ("per_seed.csv", "summary.csv", "loo_scores.csv"):
+        assert (outs[0] / f).read_bytes() == (outs[1] / f).read_bytes(), f
+    import pandas as pd
+
+    df = pd.read_csv(outs[0] / "per_seed.csv")
+    ex = df[(df["method"] == "influence_exact") & (df["target"] == "val")]
+    assert len(ex) == 2 and float(ex["spearman"].min()) > 0.9
+    paths = plot_loo_scatter(outs[0], out=tmp_path / "fig" / "scatter")
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+
+
+def test_faithfulness_and_bench_end_to_end(fake_features, tmp_path):
+    from experiments.bench_loo import BenchConfig, run_bench
+    from experiments.faithfulness import FaithfulnessConfig, run_faithfulness
+    from paper_figs.faithfulness import plot_faithfulness
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "n_queries=2", "ks=[1,5]", "n_random=1",
+                             "methods=[influence_exact, representer]"], cls=FaithfulnessConfig)
+    res = run_faithfulness(cfg)
+    run = tmp_path / "faithfulness" / "main"
+    assert (run / "DONE").is_file() and "representer" in res["table"]
+    assert all(p.is_file() for p in plot_faithfulness(run, out=tmp_path / "fig" / "faith"))
+    b = run_bench(BenchConfig(m=5, methods=["influence_exact", "representer"]), tmp_path / "bench")
+    saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    assert saved["loo"]["newton_step"]["max_abs_diff_delta_val_vs_scratch"] < 1e-6
+    assert saved["loo"]["none"]["all_converged"] and b["estimators"]["representer"]["n_scored"] == 150
+
+
+@pytest.mark.parametrize("override,match", [("lams=[0.0]", "The 'lams' parameter of SanityConfig must be"),
+                                            ("subset_size=3", "The 'subset_size' parameter of SanityConfig"),
+                                            ("methods=[nope]", "Unknown attribution method 'nope'"),
+                                            ("bogus=1", "Unknown config key 'bogus'")])
+def test_sanity_config_errors(override, match):
+    from experiments.sanity import SanityConfig
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override], cls=SanityConfig)
+
+
+def test_correlations_and_top_overlap():
+    from experiments.sanity import correlations
+
+    x = np.arange(20.0)
+    r = correlations(x, x ** 3)
+    assert r["spearman"] == pytest.approx(1.0) and r["kendall"] == pytest.approx(1.0) and r["top10"] == 1.0
+    r = correlations(-x, x)
+    assert r["spearman"] == pytest.approx(-1.0) and r["top10"] == 0.0
+    assert np.isnan(correlations(np.ones(5), x[:5])["spearman"])
