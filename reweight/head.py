@@ -126,7 +126,7 @@ class HeadHessian:
         r""":math:`H U` for ``U`` ``(K, D)`` or a batch ``(B, K, D)`` (one product per batch element).
 
         Two ``n·D·(B·K)`` matrix products plus three in-place elementwise passes over ``(n, B·K)``:
-        :math:`Z = X U^\top`, :math:`s_i = \langle P_i, Z_i\rangle`, :math:`M = (\alpha\circ P)\circ(Z - s)`,
+        :math:`Z = X U^\top`, :math:`s_i = \langle P_i, Z_i\rangle` (``vecdot``), :math:`M = (\alpha\circ P)\circ(Z - s)`,
         :math:`HU = M^\top X / n + \lambda U`. Rows are processed in blocks of about ``2**24`` entries
         of ``Z`` so temporaries stay bounded for large ``n`` (the result does not depend on the block).
         """
@@ -143,7 +143,7 @@ class HeadHessian:
             Xb = self.X[lo:hi]
             Z = Xb @ Ut  # (b, B*K)
             Z3 = Z.view(hi - lo, B, K)
-            s = (Z3 * self.P[lo:hi].unsqueeze(1)).sum(dim=2, keepdim=True)
+            s = torch.linalg.vecdot(Z3, self.P[lo:hi].unsqueeze(1), dim=2).unsqueeze(2)  # no (b, B, K) temporary
             Z3.sub_(s).mul_(aP[lo:hi].unsqueeze(1))
             out = Z.T @ Xb if out is None else out.addmm_(Z.T, Xb)
         if out is None:  # no local rows (an empty shard)
