@@ -19,6 +19,8 @@ appended, ``D = d + 1``):
 * ``cg``: one CG hypergradient :func:`reweight.streaming.val_alpha_grad` (``(hvps + 1)·4nDK``: the HVPs,
   the probabilities and ``X V^T``), which is
   also the influence of every training sample on the validation loss up to the factor ``-alpha``;
+* ``store``: streaming HVP and CG hypergradient read from an on-disk feature store (memory-mapped
+  shards of 65,536 rows; n = 1e6 in the full run) -- peak memory stays near one chunk;
 * attribution (only if :mod:`reweight.attribution` imports; on small problems in float64):
   ``influence`` (``influence_cg`` scores on the mean validation loss), ``loo`` (exact leave-one-out,
   seconds per left-out sample), ``trak`` (one projected model).
@@ -55,7 +57,7 @@ class BenchScaleConfig:
     name: str = field(default="default", metadata={"help": "run name"})
     out_dir: str = field(default="runs/bench_scale", metadata={"help": "parent directory"})
     quick: bool = field(default=False, metadata={"help": "small sizes"})
-    sweeps: List[str] = field(default_factory=lambda: ["n", "d", "K", "mnist", "attr"], metadata={"help": "sweeps run"})
+    sweeps: List[str] = field(default_factory=lambda: ["n", "d", "K", "mnist", "attr", "store"], metadata={"help": "sweeps run"})
     repeats: int = field(default=5, metadata={"help": "timed repeats per operation (median reported)"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = all cores)"})
     lam: float = field(default=1e-2, metadata={"help": "L2 strength"})
@@ -127,6 +129,8 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         torch.set_num_threads(int(spec["threads"]))
     reps, lam = int(spec["repeats"]), float(spec["lam"])
     t0 = time.perf_counter()
+    if spec["source"] == "store":
+        return _measure_store(spec, t0)
     if spec["source"] == "mnist5k":
         X, y, alpha, Xv, yv, W = _mnist(spec["seed"])
         K = int(y.max()) + 1
@@ -200,6 +204,62 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     return row
 
 
+def _measure_store(spec: Dict[str, Any], t0: float) -> Dict[str, Any]:
+    """Streaming HVP and CG hypergradient from an on-disk :class:`reweight.store.FeatureStore`.
+
+    The store (float32, bias column included, shards of 65,536 rows) is written block by block, so
+    neither writing nor reading holds the ``(n, D)`` matrix; peak RSS shows what streaming needs.
+    The matmul reference is the same-shape products on one in-memory chunk, times the chunk count.
+    """
+    import shutil
+
+    import torch
+
+    from reweight.store import StoreWriter
+    from reweight.streaming import ChunkedFeatures, StreamingObjective, val_alpha_grad
+
+    n, d, K, reps, lam = spec["n"], spec["d"], spec["K"], int(spec["repeats"]), float(spec["lam"])
+    D, chunk = d + 1, 65536
+    root = Path(spec["store_dir"])
+    g = torch.Generator().manual_seed(spec["seed"])
+    ys = []
+    with StoreWriter(root, D, shard_rows=chunk, overwrite=True) as w:
+        for lo in range(0, n, chunk):
+            b = min(chunk, n - lo)
+            ys.append(torch.randint(0, K, (b,), generator=g))
+            w.append(torch.cat([torch.randn(b, d, generator=g), torch.ones(b, 1)], 1), labels=ys[-1])
+        store = w.close()
+    y = torch.cat(ys)
+    alpha = torch.rand(n, generator=g) + 0.5
+    Xv = torch.cat([torch.randn(1000, d, generator=g), torch.ones(1000, 1)], 1)
+    yv = torch.randint(0, K, (1000,), generator=g)
+    W = 0.05 * torch.randn(K, D, generator=g)
+    row: Dict[str, Any] = {"source": "store", "sweep": spec["sweep"], "n": n, "d": d, "K": K,
+                           "threads": torch.get_num_threads(), "setup_s": time.perf_counter() - t0,
+                           "store_gib": store.nbytes / 2**30, "chunk_rows": chunk}
+    U = torch.randn(K, D, generator=torch.Generator().manual_seed(1))
+    Xc = store.shard(0).clone()
+    Zc = Xc @ U.T
+    t_chunk = _median_time(lambda: (torch.mm(Xc, U.T), torch.mm(Zc.T, Xc)), reps)
+    t_mm = t_chunk * n / Xc.shape[0]
+    flops = 4.0 * n * D * K
+    del Xc, Zc
+    row.update(matmul_s=t_mm, matmul_gflops=flops / t_mm / 1e9)
+    obj = StreamingObjective(ChunkedFeatures(store, chunk), y, K, lam)
+    H = obj.hessian(W, alpha)
+    t = _median_time(lambda: H.matvec(U), reps)
+    row.update(hvp_store_s=t, hvp_store_eff=t_mm / t)
+    t = time.perf_counter()
+    vag = val_alpha_grad(obj, Xv, yv, W, alpha, method="cg", tol=float(spec["cg_tol"]), max_iter=500)
+    sec = time.perf_counter() - t
+    row.update(cg_store_s=sec, cg_store_hvps=vag.hvps, cg_store_rel_residual=vag.rel_residual,
+               cg_store_eff=(vag.hvps + 1) * flops / sec / (flops / t_mm))
+    row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    del H, obj, store
+    shutil.rmtree(root, ignore_errors=True)
+    return row
+
+
 def plan(cfg: BenchScaleConfig) -> List[Dict[str, Any]]:
     """The configurations of the sweeps in ``cfg`` (each one subprocess)."""
     base = {"repeats": cfg.repeats, "lam": cfg.lam, "cg_tol": cfg.cg_tol, "seed": cfg.seed, "threads": cfg.threads,
@@ -221,6 +281,9 @@ def plan(cfg: BenchScaleConfig) -> List[Dict[str, Any]]:
         specs.append(dict(base, sweep="mnist", source="mnist5k", n=0, d=0, K=0, ops=core + ["influence", "loo", "trak"]))
     if "attr" in cfg.sweeps:
         specs += [dict(base, sweep="attr", n=n, d=64, K=10, ops=["hvp", "cg", "influence", "loo", "trak"]) for n in attr_ns]
+    if "store" in cfg.sweeps:
+        specs.append(dict(base, sweep="store", source="store", n=30_000 if cfg.quick else 1_000_000, d=d0, K=K0,
+                          ops=["hvp", "cg"], store_dir=str(Path(cfg.out_dir) / cfg.name / "_store")))
     if "n" in cfg.sweeps:  # last: the n = 1e6 configuration is the heaviest
         specs += [dict(base, sweep="n", n=n, d=d0, K=K0, ops=core) for n in ns]
     return specs
@@ -254,7 +317,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
     ap.add_argument("--name", default=None, help="run name (default: quick or default)")
     ap.add_argument("--out-dir", default="runs/bench_scale")
-    ap.add_argument("--sweeps", default="n,d,K,mnist,attr", help="comma-separated subset of n,d,K,mnist,attr")
+    ap.add_argument("--sweeps", default="n,d,K,mnist,attr,store", help="comma-separated subset of n,d,K,mnist,attr,store")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default: all cores)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
@@ -269,9 +332,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from reweight.runs import RunDir
 
     sweeps = [s for s in args.sweeps.split(",") if s]
-    bad = [s for s in sweeps if s not in ("n", "d", "K", "mnist", "attr")]
+    bad = [s for s in sweeps if s not in ("n", "d", "K", "mnist", "attr", "store")]
     if bad:
-        ap.error(f"unknown sweep {bad[0]!r}; valid: n, d, K, mnist, attr")
+        ap.error(f"unknown sweep {bad[0]!r}; valid: n, d, K, mnist, attr, store")
     cfg = BenchScaleConfig(name=args.name or ("quick" if args.quick else "default"), out_dir=args.out_dir,
                            quick=args.quick, sweeps=sweeps, repeats=args.repeats, threads=args.threads)
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=True)
@@ -291,7 +354,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         row = json.loads(lines[-1][len("RESULT "):])
         rows.append(row)
-        print(f"[bench_scale]   {time.perf_counter() - t:.1f}s  hvp_eff={row.get('hvp_eff', float('nan')):.2f} "
+        print(f"[bench_scale]   {time.perf_counter() - t:.1f}s  hvp_eff={row.get('hvp_eff', row.get('hvp_store_eff', float('nan'))):.2f} "
               f"peak={row['peak_rss_mb'] / 1024:.2f} GiB", flush=True)
         df = pd.DataFrame(rows)
         run.write_text("results.csv", df.to_csv(index=False, float_format="%.6g"))
