@@ -99,11 +99,11 @@ def brute_force_knn(queries: torch.Tensor, base: torch.Tensor | FeatureStore, k:
     q = _prep(queries, metric)
     best_s = best_i = None
     for lo, hi, x in _chunks(base, chunk_rows):
-        x = _prep(x.to(q.dtype), metric)
+        x = _prep(x.to(device=q.device, dtype=q.dtype), metric)
         s = q @ x.T
         if metric == "l2":
             s = 2 * s - (x * x).sum(1)[None, :] - (q * q).sum(1)[:, None]
-        idx = torch.arange(lo, hi).expand(q.shape[0], -1)
+        idx = torch.arange(lo, hi, device=s.device).expand(q.shape[0], -1)
         if best_s is not None:
             s, idx = torch.cat([best_s, s], 1), torch.cat([best_i, idx], 1)
         kk = min(k, s.shape[1])
@@ -120,7 +120,7 @@ def _faiss_knn(queries, base, k, metric, index_type, nlist, nprobe, chunk_rows, 
     mt = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
 
     def arr(x):
-        return np.ascontiguousarray(_prep(torch.as_tensor(x), metric).to(torch.float32).numpy())
+        return np.ascontiguousarray(_prep(torch.as_tensor(x), metric).to(torch.float32).cpu().numpy())
 
     if index_type == "flat":
         index = faiss.IndexFlat(d, mt)
@@ -207,7 +207,7 @@ def representer_scores(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor, alpha:
         ``(q, m)`` scores.
     """
     G = torch.softmax(X @ W.T, dim=1)
-    G[torch.arange(X.shape[0]), y] -= 1
+    G[torch.arange(X.shape[0], device=G.device), y] -= 1
     R = -(alpha[:, None] * G) / (lam * n)  # (m, K)
     return (x @ X.T) * R[:, cls].T
 
