@@ -15,7 +15,7 @@ from reweight.attribution import (ATTRIBUTION, AttributionProblem, exact_loo, ex
                                   make_attribution, random_subsets, representer_contributions, representer_logits,
                                   representer_values, subset_outputs)
 from reweight.errors import ConfigError, DataError
-from reweight.head import HeadHessian, HeadObjective, add_bias, solve_head
+from reweight.head import HeadObjective, add_bias, solve_head
 
 DT = torch.float64
 

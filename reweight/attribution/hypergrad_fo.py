@@ -37,6 +37,7 @@ class _TargetProblem(BilevelProblem):
     def __post_init__(self) -> None:
         check_features(self.X_val, "target features", dim=self.inner.X.shape[1])
         check_labels(self.y_val, self.inner.K, "target labels", n=self.X_val.shape[0], require_all_classes=False)
+        self.y_val = self.y_val.to(self.X_val.device)
 
 
 @dataclass
