@@ -21,6 +21,9 @@ appended, ``D = d + 1``):
   also the influence of every training sample on the validation loss up to the factor ``-alpha``;
 * ``store``: streaming HVP and CG hypergradient read from an on-disk feature store (memory-mapped
   shards of 65,536 rows; n = 1e6 in the full run) -- peak memory stays near one chunk;
+* ``knn``: nearest-neighbour candidates (:mod:`reweight.neighbors`): time and recall@10 of FAISS flat/IVF
+  vs the torch brute force, and recall of the top-10 representer supporters from ``M`` candidates
+  (written to ``knn.csv``);
 * attribution (only if :mod:`reweight.attribution` imports; on small problems in float64):
   ``influence`` (``influence_cg`` scores on the mean validation loss), ``loo`` (exact leave-one-out,
   seconds per left-out sample), ``trak`` (one projected model).
@@ -57,7 +60,7 @@ class BenchScaleConfig:
     name: str = field(default="default", metadata={"help": "run name"})
     out_dir: str = field(default="runs/bench_scale", metadata={"help": "parent directory"})
     quick: bool = field(default=False, metadata={"help": "small sizes"})
-    sweeps: List[str] = field(default_factory=lambda: ["n", "d", "K", "mnist", "attr", "store"], metadata={"help": "sweeps run"})
+    sweeps: List[str] = field(default_factory=lambda: ["n", "d", "K", "mnist", "attr", "store", "knn"], metadata={"help": "sweeps run"})
     repeats: int = field(default=5, metadata={"help": "timed repeats per operation (median reported)"})
     threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = all cores)"})
     lam: float = field(default=1e-2, metadata={"help": "L2 strength"})
@@ -131,6 +134,8 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     t0 = time.perf_counter()
     if spec["source"] == "store":
         return _measure_store(spec, t0)
+    if spec["source"] == "knn":
+        return _measure_knn(spec, t0)
     if spec["source"] == "mnist5k":
         X, y, alpha, Xv, yv, W = _mnist(spec["seed"])
         K = int(y.max()) + 1
@@ -260,6 +265,73 @@ def _measure_store(spec: Dict[str, Any], t0: float) -> Dict[str, Any]:
     return row
 
 
+def _measure_knn(spec: Dict[str, Any], t0: float) -> Dict[str, Any]:
+    """Nearest-neighbour candidates: time and recall@10 of FAISS (flat, IVF at several ``nprobe``) and
+    the torch brute force; recall of the top-10 representer supporters found from ``M`` candidates.
+
+    Synthetic clustered float32 features (``K`` Gaussian clusters), 100 queries from the same law.
+    """
+    import torch
+
+    from reweight.head import HeadObjective, add_bias, solve_head
+    from reweight.neighbors import brute_force_knn, faiss_available, knn, preselect_and_score, recall_at_k
+    from reweight.neighbors import representer_scores, representer_top
+
+    n, d, K, k = spec["n"], spec["d"], spec["K"], 10
+    g = torch.Generator().manual_seed(spec["seed"])
+    C = 3.0 * torch.randn(K, d, generator=g)
+    y = torch.randint(0, K, (n,), generator=g)
+    X = C[y] + torch.randn(n, d, generator=g)
+    yq = torch.randint(0, K, (100,), generator=g)
+    Q = C[yq] + torch.randn(100, d, generator=g)
+    rows: List[Dict[str, Any]] = []
+    t = time.perf_counter()
+    exact = brute_force_knn(Q, X, k)
+    rows.append({"method": "torch_brute_force", "seconds": time.perf_counter() - t, "recall_at_10": 1.0})
+    if faiss_available():
+        t = time.perf_counter()
+        r = knn(Q, X, k, backend="faiss", index="flat")
+        rows.append({"method": "faiss_flat", "seconds": time.perf_counter() - t, "recall_at_10": recall_at_k(r.indices, exact.indices)})
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))  # the default of reweight.neighbors.knn
+        for nprobe in (1, 4, 16, 64):
+            t = time.perf_counter()
+            r = knn(Q, X, k, backend="faiss", index="ivf", nlist=nlist, nprobe=nprobe)
+            rows.append({"method": f"faiss_ivf_nlist{nlist}_nprobe{nprobe} (build+search)", "seconds": time.perf_counter() - t,
+                         "recall_at_10": recall_at_k(r.indices, exact.indices)})
+    # representer supporters: exact top-10 over all n vs top-10 among M pre-selected candidates
+    sub = 20_000 if n > 20_000 else n  # the head is fitted on a subset to keep the benchmark short
+    Xb = add_bias(X[:sub].double())
+    lam = 1e-2
+    W = solve_head(HeadObjective(Xb, y[:sub], K, lam), torch.ones(sub, dtype=torch.float64), tol=1e-8).W
+    Qb = add_bias(Q.double())
+    cls = (Qb @ W.T).argmax(1)
+    ones = torch.ones(sub, dtype=torch.float64)
+    t = time.perf_counter()
+    full = torch.topk(representer_scores(W, Xb, y[:sub], ones, lam, sub, Qb, cls), k, dim=1).indices
+    t_full = time.perf_counter() - t
+    rows.append({"method": "representer_exact_all", "seconds": t_full, "recall_at_10": 1.0, "n_scored": sub})
+
+    def score(qi, idx):
+        return representer_scores(W, Xb[idx], y[:sub][idx], ones[idx], lam, sub, Qb[qi:qi + 1], cls[qi:qi + 1])[0]
+
+    for M in (100, 1000):
+        t = time.perf_counter()
+        r = preselect_and_score(Q, X[:sub], M, score, top=k)
+        rows.append({"method": f"representer_by_feature_similarity_M{M}_{r.backend}", "seconds": time.perf_counter() - t,
+                     "recall_at_10": recall_at_k(r.indices, full), "n_scored": M})
+    ivf = {"backend": "faiss", "index": "ivf", "nprobe": 16} if faiss_available() else {"backend": "torch"}
+    for name, kw in (("mips_exact", {"backend": "torch"}), ("mips_" + ("faiss_ivf_nprobe16" if faiss_available() else "torch"), ivf)):
+        t = time.perf_counter()
+        r = representer_top(W, Xb, y[:sub], ones, lam, Qb, cls, top=k, M=50, **kw)
+        rows.append({"method": f"representer_{name}_M50", "seconds": time.perf_counter() - t,
+                     "recall_at_10": recall_at_k(r.indices, full), "n_scored": 50})
+    for r in rows:
+        r.update(n=n, d=d, clusters=K)
+    return {"source": "knn", "sweep": spec["sweep"], "n": n, "d": d, "K": K, "knn_rows": rows,
+            "setup_s": time.perf_counter() - t0,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0}
+
+
 def plan(cfg: BenchScaleConfig) -> List[Dict[str, Any]]:
     """The configurations of the sweeps in ``cfg`` (each one subprocess)."""
     base = {"repeats": cfg.repeats, "lam": cfg.lam, "cg_tol": cfg.cg_tol, "seed": cfg.seed, "threads": cfg.threads,
@@ -281,6 +353,8 @@ def plan(cfg: BenchScaleConfig) -> List[Dict[str, Any]]:
         specs.append(dict(base, sweep="mnist", source="mnist5k", n=0, d=0, K=0, ops=core + ["influence", "loo", "trak"]))
     if "attr" in cfg.sweeps:
         specs += [dict(base, sweep="attr", n=n, d=64, K=10, ops=["hvp", "cg", "influence", "loo", "trak"]) for n in attr_ns]
+    if "knn" in cfg.sweeps:
+        specs.append(dict(base, sweep="knn", source="knn", n=10_000 if cfg.quick else 200_000, d=d0, K=20, ops=[]))
     if "store" in cfg.sweeps:
         specs.append(dict(base, sweep="store", source="store", n=30_000 if cfg.quick else 1_000_000, d=d0, K=K0,
                           ops=["hvp", "cg"], store_dir=str(Path(cfg.out_dir) / cfg.name / "_store")))
@@ -317,7 +391,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
     ap.add_argument("--name", default=None, help="run name (default: quick or default)")
     ap.add_argument("--out-dir", default="runs/bench_scale")
-    ap.add_argument("--sweeps", default="n,d,K,mnist,attr,store", help="comma-separated subset of n,d,K,mnist,attr,store")
+    ap.add_argument("--sweeps", default="n,d,K,mnist,attr,store,knn", help="comma-separated subset of n,d,K,mnist,attr,store,knn")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default: all cores)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
@@ -332,9 +406,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     from reweight.runs import RunDir
 
     sweeps = [s for s in args.sweeps.split(",") if s]
-    bad = [s for s in sweeps if s not in ("n", "d", "K", "mnist", "attr", "store")]
+    bad = [s for s in sweeps if s not in ("n", "d", "K", "mnist", "attr", "store", "knn")]
     if bad:
-        ap.error(f"unknown sweep {bad[0]!r}; valid: n, d, K, mnist, attr, store")
+        ap.error(f"unknown sweep {bad[0]!r}; valid: n, d, K, mnist, attr, store, knn")
     cfg = BenchScaleConfig(name=args.name or ("quick" if args.quick else "default"), out_dir=args.out_dir,
                            quick=args.quick, sweeps=sweeps, repeats=args.repeats, threads=args.threads)
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=True)
@@ -353,6 +427,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                          "error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc={p.returncode}"})
             continue
         row = json.loads(lines[-1][len("RESULT "):])
+        if "knn_rows" in row:
+            knn_rows = row.pop("knn_rows")
+            run.write_text("knn.csv", pd.DataFrame(knn_rows).to_csv(index=False, float_format="%.6g"))
         rows.append(row)
         print(f"[bench_scale]   {time.perf_counter() - t:.1f}s  hvp_eff={row.get('hvp_eff', row.get('hvp_store_eff', float('nan'))):.2f} "
               f"peak={row['peak_rss_mb'] / 1024:.2f} GiB", flush=True)

@@ -35,6 +35,7 @@ __all__ = [
     "preselect_and_score",
     "recall_at_k",
     "representer_scores",
+    "representer_top",
 ]
 
 log = logging.getLogger(__name__)
@@ -242,3 +243,47 @@ def preselect_and_score(queries: torch.Tensor, base: torch.Tensor | FeatureStore
         out_s.append(torch.nn.functional.pad(v, (0, top - kk), value=float("-inf")))
         out_i.append(torch.nn.functional.pad(idx[p], (0, top - kk), value=-1))
     return NeighborResult(torch.stack(out_s), torch.stack(out_i), cand.backend)
+
+
+def representer_top(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor, alpha: torch.Tensor, lam: float,
+                    x: torch.Tensor, cls: torch.Tensor, top: int, M: Optional[int] = None,
+                    **knn_kwargs) -> NeighborResult:
+    r"""Top-``top`` representer supporters of logit ``cls`` for each query, by maximum inner-product search.
+
+    The score :math:`r_{i,c}\,h_i^\top h_x = (r_{i,c} h_i)^\top h_x` is an inner product with the
+    scaled rows :math:`u_i = r_{i,c} h_i`, so a nearest-neighbour index over :math:`u` (metric
+    ``ip``) finds the supporters directly: exact with the torch brute force or FAISS ``flat``,
+    approximate with FAISS ``ivf``. With ``M`` the index returns ``M`` candidates whose exact scores
+    are recomputed and the ``top`` best kept (useful with an approximate index). Pre-selecting by
+    plain feature similarity :math:`h_i^\top h_x` instead misses supporters whose weight
+    :math:`|r_{i,c}|` is large (hard or mislabelled samples), see ``docs/scale.md``.
+
+    Args:
+        W: ``(K, D)`` optimum; X: ``(n, D)`` training rows; y, alpha: labels and weights ``(n,)``;
+        lam: :math:`\lambda`; x: ``(q, D)`` queries; cls: ``(q,)`` explained classes; top: results per query;
+        M: candidates per query (default ``top``); knn_kwargs: passed to :func:`knn` (backend, index, nprobe, ...).
+
+    Returns:
+        :class:`NeighborResult` with exact scores ``(q, top)`` and training indices.
+    """
+    n = X.shape[0]
+    M = top if M is None else M
+    if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= M <= n:
+        raise ConfigError(f"The 'top' parameter of representer_top must be an int with 1 <= top <= M <= n = {n}. "
+                          f"Got top={top!r}, M={M!r} instead.")
+    G = torch.softmax(X @ W.T, dim=1)
+    G[torch.arange(n, device=G.device), y] -= 1
+    R = -(alpha[:, None] * G) / (lam * n)  # (n, K) representer values r_i
+    out_s = torch.empty(x.shape[0], top, dtype=x.dtype, device=x.device)
+    out_i = torch.empty(x.shape[0], top, dtype=torch.int64, device=x.device)
+    backend = "torch"
+    for c in torch.unique(cls).tolist():
+        rows = torch.nonzero(cls == c).flatten()
+        U = R[:, c:c + 1] * X  # (n, D) scaled rows of class c's expansion
+        cand = knn(x[rows], U, M, metric="ip", **knn_kwargs)
+        backend = cand.backend
+        idx = cand.indices.to(x.device).clamp_min(0)
+        exact = ((U[idx] * x[rows][:, None, :]).sum(-1))  # (q_c, M) exact scores of the candidates
+        v, p = torch.topk(exact, top, dim=1)
+        out_s[rows], out_i[rows] = v, torch.gather(idx, 1, p)
+    return NeighborResult(out_s, out_i, backend)

@@ -123,3 +123,26 @@ def test_bad_input():
         brute_force_knn(Q, B, 3, chunk_rows=0)
     with pytest.raises(ConfigError, match="The 'top' parameter of preselect_and_score must be an int in 1..M=5"):
         preselect_and_score(Q, B, 5, lambda qi, idx: idx.float(), top=6)
+
+
+def test_representer_top_by_inner_product_search_is_exact():
+    """MIPS over the scaled rows r_{i,c} h_i returns exactly the top supporters of the full scoring."""
+    from reweight.neighbors import representer_top
+
+    g = torch.Generator().manual_seed(2)
+    n, d, K, lam = 400, 4, 3, 0.05
+    X = add_bias(torch.randn(n, d, generator=g, dtype=torch.float64))
+    y = torch.randint(0, K, (n,), generator=g)
+    alpha = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
+    W = solve_head(HeadObjective(X, y, K, lam), alpha, tol=1e-12).W
+    xq = add_bias(torch.randn(6, d, generator=g, dtype=torch.float64))
+    cls = torch.tensor([0, 1, 2, 0, 1, 2])
+    S = representer_scores(W, X, y, alpha, lam, n, xq, cls)
+    exp_s, exp_i = torch.topk(S, 7, dim=1)
+    got = representer_top(W, X, y, alpha, lam, xq, cls, top=7, backend="torch")
+    torch.testing.assert_close(got.indices, exp_i)
+    torch.testing.assert_close(got.scores, exp_s, rtol=1e-10, atol=1e-14)
+    got = representer_top(W, X, y, alpha, lam, xq, cls, top=7, M=30, backend="torch")
+    torch.testing.assert_close(got.indices, exp_i)
+    with pytest.raises(ConfigError, match="The 'top' parameter of representer_top must be an int with 1 <= top <= M <= n = 400"):
+        representer_top(W, X, y, alpha, lam, xq, cls, top=8, M=5)
