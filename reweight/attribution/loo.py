@@ -216,17 +216,18 @@ def _batched_starts(inner, alpha: torch.Tensor, W_star: torch.Tensor, G: torch.T
     W = W_star[None] + (rhs.reshape(B, -1) @ Hinv).reshape(B, K, D)
     g = _batched_grad(inner, W, A)
     gn = torch.linalg.vector_norm(g.reshape(B, -1), dim=1)
+    stalled = torch.zeros(B, dtype=torch.bool)
     for _ in range(steps):
-        active = gn > tol
-        if not bool(active.any()):
+        act = torch.nonzero((gn > tol) & ~stalled).flatten()  # only unfinished samples cost a gradient
+        if act.numel() == 0:
             break
-        W_new = W - (g.reshape(B, -1) @ Hinv).reshape(B, K, D)
-        g_new = _batched_grad(inner, W_new, A)
-        gn_new = torch.linalg.vector_norm(g_new.reshape(B, -1), dim=1)
-        better = active & (gn_new < gn)
-        if not bool(better.any()):
-            break
-        W[better], g[better], gn[better] = W_new[better], g_new[better], gn_new[better]
+        W_new = W[act] - (g[act].reshape(act.numel(), -1) @ Hinv).reshape(-1, K, D)
+        g_new = _batched_grad(inner, W_new, A[:, act])
+        gn_new = torch.linalg.vector_norm(g_new.reshape(act.numel(), -1), dim=1)
+        better = gn_new < gn[act]
+        stalled[act[~better]] = True  # no longer contracting: leave it to solve_head's Newton
+        upd = act[better]
+        W[upd], g[upd], gn[upd] = W_new[better], g_new[better], gn_new[better]
     return W
 
 
