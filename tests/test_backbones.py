@@ -71,6 +71,19 @@ def test_missing_weights_file(tmp_path):
         create_backbone("test_resnet", 10, in_chans=1, pretrained_file=str(tmp_path / "nope.pth"))
 
 
+def test_hub_failure_is_a_clear_error(monkeypatch):
+    calls = []
+
+    def offline(name, pretrained=False, **kw):
+        calls.append(pretrained)
+        raise OSError("We couldn't connect to 'https://huggingface.co'")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    with pytest.raises(ConfigError, match="Could not fetch hub weights for 'test_resnet'.*pass pretrained_file="):
+        create_backbone("test_resnet", 10, pretrained=True)
+    assert calls == [True]  # the real hub path was taken
+
+
 def test_checkpoint_roundtrip_keeps_every_tensor_including_classifier(tmp_path):
     src = _model(10, 1, seed=3)
     _train_steps(src, steps=1)  # non-trivial running statistics

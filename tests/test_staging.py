@@ -249,3 +249,19 @@ def test_unknown_model_fails_before_work(tmp_path, digits):
     cfg = _cfg(tmp_path, model="resnet_does_not_exist")
     with pytest.raises(ConfigError, match="must be a timm model name"):
         run_staged(cfg, digits)
+
+
+def test_study_configs_build_for_every_strategy(tmp_path):
+    from experiments.staged import STRATEGIES, _load
+    from reweight.config import RunConfig
+
+    for st in STRATEGIES:
+        cfg = _load(st, 1, tmp_path, quick=True, overrides=["data.noise_rate=0.2", "batch_size=32"])
+        assert cfg.seed == 1 and cfg.data.noise_rate == 0.2 and cfg.data.dataset == "digits"
+        assert cfg.name == f"{st}_s1" and cfg.out_dir == str(tmp_path)
+        if st == "a_head_only":
+            assert isinstance(cfg, RunConfig)  # staged-only overrides (batch_size) are not applied to (a)
+        else:
+            assert cfg.batch_size == 32 and all(s.epochs <= 1 for s in cfg.stages)
+    with pytest.raises(ConfigError, match="Unknown config key 'stages_typo'"):
+        _load("b_focus", 0, tmp_path, quick=False, overrides=["stages_typo=1"])
