@@ -22,7 +22,8 @@ is the same estimator, since Captum sums the per-sample Hessians) and ``ArnoldiI
 is not installed (its current release pins ``numpy<2`` and would downgrade this environment).
 Time excludes the shared inner solve; each library's time is its own fit + scores (CARROT: median
 of ``repeats``; other libraries once, their run times dwarf the timing noise).
-Agreement with exact LOO on a random subset: Pearson and Spearman correlation.
+Agreement with exact LOO on a random subset: Pearson and Spearman correlation. Every method runs
+with the same intra-op thread count, :func:`reweight.streaming.auto_threads` of one HVP's FLOPs.
 Writes ``runs/bench_libraries/<name>/results.csv`` and ``summary.json``.
 """
 
@@ -134,7 +135,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     from reweight.head import solve_head
     from reweight.runs import RunDir
     from reweight.seeding import numpy_rng
-    from reweight.streaming import influence_on_val_loss
+    from reweight.streaming import auto_threads, influence_on_val_loss
 
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=True)
     run.write_env(cfg.seed, "cpu")
@@ -145,6 +146,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     n, D = inner.X.shape
     alpha = torch.ones(n, dtype=torch.float64)
     W = solve_head(inner, alpha, tol=1e-11).W
+    threads = auto_threads(4.0 * n * D * inner.K)  # one HVP's FLOPs; every method runs with this count
+    torch.set_num_threads(threads)
     subset = torch.as_tensor(np.sort(numpy_rng(cfg.seed, "loo_subset").choice(n, size=min(n, cfg.loo_samples),
                                                                                replace=False)))
     t = time.perf_counter()

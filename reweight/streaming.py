@@ -27,6 +27,8 @@ References:
 
 from __future__ import annotations
 
+import os
+from contextlib import contextmanager
 from typing import Iterator, List, Optional, Tuple
 
 import torch
@@ -42,9 +44,37 @@ __all__ = [
     "StreamingHessian",
     "StreamingObjective",
     "alpha_grad_from_v",
+    "auto_threads",
     "influence_on_val_loss",
+    "num_threads",
     "val_alpha_grad",
 ]
+
+
+def auto_threads(flops_per_product: float, flops_per_thread: float = 5e7, max_threads: Optional[int] = None) -> int:
+    """A sensible intra-op thread count for products of ``flops_per_product`` FLOPs.
+
+    Waking a thread pool costs tens of microseconds, and far more on a shared, oversubscribed
+    machine where a worker thread may be descheduled: a CG on a small head (``4 n D K`` of about
+    1e7 FLOPs per HVP) ran 5-70x faster on 1 thread than on 2 on the 2-core development machine
+    (``docs/scale.md``). One thread per ``flops_per_thread`` FLOPs, at least 1, at most
+    ``max_threads`` (default ``os.cpu_count()``).
+    """
+    cap = max_threads or os.cpu_count() or 1
+    return int(max(1, min(cap, flops_per_product // flops_per_thread)))
+
+
+@contextmanager
+def num_threads(k: int):
+    """Context manager: ``torch.set_num_threads(k)`` inside, the previous count restored after."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        raise ConfigError(f"The 'k' parameter of num_threads must be an int >= 1. Got {k!r} instead.")
+    old = torch.get_num_threads()
+    torch.set_num_threads(k)
+    try:
+        yield k
+    finally:
+        torch.set_num_threads(old)
 
 
 class ChunkedFeatures:

@@ -200,3 +200,17 @@ def test_bad_input_errors(tmp_path):
         val_alpha_grad(st, Xv[:, :-1], yv, W, alpha)
     with pytest.raises(DataError, match=r"Expected alpha of shape \(157,\)"):
         val_alpha_grad(st, Xv, yv, W, alpha[:-1])
+
+
+def test_threads_helpers():
+    from reweight.streaming import auto_threads, num_threads
+
+    assert auto_threads(1e6) == 1
+    assert auto_threads(1e12, max_threads=3) == 3
+    old = torch.get_num_threads()
+    with num_threads(1):
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == old
+    with pytest.raises(ConfigError, match="The 'k' parameter of num_threads must be an int >= 1. Got 0 instead."):
+        with num_threads(0):
+            pass
