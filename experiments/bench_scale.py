@@ -28,7 +28,8 @@ appended, ``D = d + 1``):
   ``influence`` (``influence_cg`` scores on the mean validation loss), ``loo`` (exact leave-one-out,
   seconds per left-out sample), ``trak`` (one projected model).
 
-Efficiency = (useful FLOPs / time) / (FLOP/s of ``matmul`` measured in the same process).
+Threads: ``--threads`` or, by default, :func:`reweight.streaming.auto_threads` of one HVP's FLOPs
+(1 thread for small problems, all cores for large ones). Efficiency = (useful FLOPs / time) / (FLOP/s of ``matmul`` measured in the same process).
 Writes ``runs/bench_scale/<name>/`` with ``results.csv``, ``results.json``, ``summary.json`` (the
 acceptance numbers: HVP efficiency at n=1e5, d=512, K=100; log-log slope of HVP time in n;
 peak memory of the n=1e6 CG hypergradient) and ``DONE``.
@@ -62,7 +63,7 @@ class BenchScaleConfig:
     quick: bool = field(default=False, metadata={"help": "small sizes"})
     sweeps: List[str] = field(default_factory=lambda: ["n", "d", "K", "mnist", "attr", "store", "knn"], metadata={"help": "sweeps run"})
     repeats: int = field(default=5, metadata={"help": "timed repeats per operation (median reported)"})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = all cores)"})
+    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = reweight.streaming.auto_threads)"})
     lam: float = field(default=1e-2, metadata={"help": "L2 strength"})
     cg_tol: float = field(default=1e-6, metadata={"help": "CG relative residual"})
     seed: int = field(default=0, metadata={"help": "data seed"})
@@ -143,6 +144,10 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         K = spec["K"]
         X, y, alpha, Xv, yv, W = _synthetic(spec["n"], spec["d"], K, spec["seed"])
     n, D = X.shape
+    if not spec.get("threads"):
+        from reweight.streaming import auto_threads
+
+        torch.set_num_threads(auto_threads(4.0 * n * D * K))
     row: Dict[str, Any] = {"source": spec["source"], "sweep": spec["sweep"], "n": n, "d": D - 1, "K": K,
                            "threads": torch.get_num_threads(), "setup_s": time.perf_counter() - t0}
     obj = HeadObjective(X, y, K, lam)
@@ -393,7 +398,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--out-dir", default="runs/bench_scale")
     ap.add_argument("--sweeps", default="n,d,K,mnist,attr,store,knn", help="comma-separated subset of n,d,K,mnist,attr,store,knn")
     ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default: all cores)")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto_threads of one HVP's FLOPs)")
     ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
