@@ -214,3 +214,14 @@ def test_threads_helpers():
     with pytest.raises(ConfigError, match="The 'k' parameter of num_threads must be an int >= 1. Got 0 instead."):
         with num_threads(0):
             pass
+
+
+def test_bench_scale_worker_smoke(tmp_path):
+    """The benchmark worker runs end to end on a tiny configuration (in-memory and store-backed)."""
+    from experiments.bench_scale import measure
+
+    base = {"sweep": "t", "d": 8, "K": 3, "repeats": 1, "lam": 0.01, "cg_tol": 1e-6, "seed": 0, "threads": 1}
+    row = measure(dict(base, source="synthetic", n=3000, ops=["hvp", "hvp_reference", "hvp_stream", "grad", "cg"]))
+    assert row["cg_hvps"] >= 1 and row["hvp_eff"] > 0 and row["peak_rss_mb"] > 0
+    row = measure(dict(base, source="store", n=3000, ops=["hvp", "cg"], store_dir=str(tmp_path / "st")))
+    assert row["cg_store_rel_residual"] <= 1e-6 and not (tmp_path / "st").exists()
