@@ -43,7 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 
 from reweight.config import DataConfig, RunConfig, _f, load_config, to_dict
-from reweight.errors import CarrotError, ConfigError
+from reweight.errors import CarrotError, ConfigError, NonFiniteError
 
 __all__ = ["SETTINGS", "GridRunConfig", "NoiseGridConfig", "aggregate", "main", "markdown", "paired", "run_grid"]
 
@@ -76,7 +76,7 @@ class NoiseGridConfig:
     methods: List[str] = _f(list(METHODS), f"methods to run, from {', '.join(METHODS)}")
     baseline_epochs: int = _f(60, "epochs of mini-batch SGD for l2rw and mwn (60 = the bilevel outer steps)")
     baseline_batch_size: int = _f(100, "mini-batch size of l2rw and mwn")
-    sgd_lr_grid: List[float] = _f([0.003, 0.01, 0.03], "SGD steps tried for l2rw/mwn; the best clean-val accuracy wins")
+    sgd_lr_grid: List[float] = _f([0.001, 0.003, 0.01, 0.03, 0.1], "SGD steps tried for l2rw/mwn; the best clean-val accuracy wins")
     class_balanced_beta: float = _f(0.999, "beta of the class-balanced baseline")
 
     def __post_init__(self) -> None:
@@ -182,11 +182,17 @@ def _run_one(grid: NoiseGridConfig, cfg: RunConfig, method: str, setting: str, f
                 opts = dict(base_opts, head_tol=cfg.head.tol, head_max_iter=cfg.head.max_iter)
                 if lr is not None:
                     opts["lr"] = lr
-                res = make_baseline(method, opts).fit(problem, seed=cfg.seed)
+                try:
+                    res = make_baseline(method, opts).fit(problem, seed=cfg.seed)
+                except NonFiniteError as e:  # this step is too large: record it, try the others
+                    tried.append({"lr": lr, "diverged": str(e)})
+                    continue
                 key = (accuracy(res.W, *evals["val"]), -float(problem.val_loss(res.W)))
                 tried.append({"lr": lr, "val_acc": key[0], "val_loss": -key[1], "seconds": res.seconds})
                 if best is None or key > best[0]:
                     best = (key, lr, res)
+            if best is None:
+                raise NonFiniteError(f"{method}: SGD diverged for every step in {grid_lrs}.")
             _, lr_sel, res = best
             alpha, W = res.alpha, res.W
             extra = {"lr_selected": lr_sel, "lr_search": tried}
