@@ -152,6 +152,18 @@ def test_loo_warm_start_equals_refit_from_scratch(small, warm):
     assert float(fast.iters.float().mean()) < float(slow.iters.float().mean())
 
 
+def test_loo_large_head_path_uses_cg_start(small, monkeypatch):
+    """Above DENSE_FACTOR_MAX the Newton-step start is a CG solve; the answer is unchanged."""
+    import reweight.attribution.loo as L
+
+    pr, Xv, yv, loo = small
+    monkeypatch.setattr(L, "DENSE_FACTOR_MAX", 0)
+    sub = torch.tensor([2, 50, 99])
+    cg = exact_loo(pr, sub, Xv, yv)
+    assert bool(cg.converged.all())
+    torch.testing.assert_close(cg.delta_val, loo.delta_val[sub], rtol=0, atol=1e-9)
+
+
 def test_loo_equals_dropping_the_row(small):
     """alpha_i = 0 (others unchanged) == training on the other n-1 rows with lambda * n/(n-1)."""
     pr, Xv, yv, loo = small

@@ -8,8 +8,11 @@ optimum :math:`W^*`:
 * ``warm_start="newton_step"`` (default): start at
   :math:`W_0 = W^* + H^{-1}\frac{\alpha_i}{n}g_ih_i^\top`, the first Newton step of the leave-one-out
   problem from :math:`W^*` taken with the full problem's Hessian (factored once for the whole
-  subset; :math:`\nabla F_{-i}(W^*) = -\frac{\alpha_i}n g_ih_i^\top` since :math:`\nabla F(W^*)=0`);
-  Newton then only polishes;
+  subset; :math:`\nabla F_{-i}(W^*) = -\frac{\alpha_i}n g_ih_i^\top` since :math:`\nabla F(W^*)=0`),
+  polished by simplified-Newton steps :math:`W \leftarrow W - H(W^*)^{-1}\nabla F_{-i}(W)` vectorised
+  over blocks of left-out samples; ``solve_head`` then certifies convergence (usually with zero
+  iterations) or finishes the job. For heads too large to factor (``K·D > 4096``) the start is one
+  CG solve with the full Hessian and ``solve_head`` does the rest;
 * ``"optimum"``: start at :math:`W^*`;
 * ``"none"``: from zeros -- the from-scratch refit (the slow twin used by tests and the benchmark).
 
