@@ -204,6 +204,16 @@ def test_influence_matches_loo_in_value():
         assert rel_err(wrong) > 0.15
 
 
+@pytest.mark.parametrize("name", ["influence_exact", "representer", "hypergrad_exact"])
+def test_permuting_training_samples_permutes_scores(small, name):
+    pr, Xv, yv, _ = small
+    perm = torch.randperm(pr.n, generator=torch.Generator().manual_seed(5))
+    pp = AttributionProblem.from_data(pr.inner.X[perm], pr.inner.y[perm], pr.K, pr.lam)
+    a = make_attribution(name).fit(pr).scores(Xv, yv, reduce="mean")
+    b = make_attribution(name).fit(pp).scores(Xv, yv, reduce="mean")
+    torch.testing.assert_close(b, a[perm], rtol=1e-6, atol=1e-12)
+
+
 # ---------------------------------------------------------------------------------------------
 # influence variants against their exact twins
 # ---------------------------------------------------------------------------------------------
