@@ -118,7 +118,7 @@ class Table:
             if k in self.data.columns:
                 eligible &= ~self.data[k].isin(vals)
         groups = [self.data.index] if not self.best_within else \
-            [idx for _, idx in self.data.groupby(self.best_within, sort=False, dropna=False).groups.items()]
+            [g.index for _, g in self.data.groupby(self.best_within, sort=False, dropna=False)]
         for idx in groups:
             sel = v.loc[idx][eligible.loc[idx]]
             if len(sel) < 2:  # a single candidate is not "best" of anything

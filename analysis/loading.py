@@ -100,8 +100,11 @@ def get_dotted(d: Mapping[str, Any], key: str, default: Any = _MISSING) -> Any:
     return node
 
 
+_ABSENT = object()
+
+
 def _has(d: Mapping[str, Any], key: str) -> bool:
-    return get_dotted(d, key, _MISSING) is not _MISSING
+    return get_dotted(d, key, _ABSENT) is not _ABSENT
 
 
 @dataclass(frozen=True)

@@ -315,19 +315,23 @@ def rank_correlation_table(per_seed: Any, name: str = "rank_correlations", sourc
 
     Args:
         per_seed: rows of ``experiments.sanity``'s ``per_seed.csv`` (one per target, lambda, seed,
-            method; the ``exact_loo`` rows carry only its time and are kept as a timing reference).
+            method), optionally joined with its ``timings.csv`` (column ``seconds``: fit + score time;
+            the ``exact_loo`` rows carry only their time and are kept as the reference).
         name: file stem.
         sources: provenance rows.
 
     Raises:
-        ConfigError: if a column is missing.
+        ConfigError: if a column is missing (``seconds`` is optional: no time column without it).
     """
-    check_columns(per_seed, ["target", "lam", "seed", "method", "seconds"] + _CORR, "rank_correlation_table")
-    agg = aggregate(per_seed, ["target", "lam", "method"], _CORR + ["seconds"])
+    check_columns(per_seed, ["target", "lam", "seed", "method"] + _CORR, "rank_correlation_table")
+    timed = "seconds" in per_seed.columns
+    agg = aggregate(per_seed, ["target", "lam", "method"], _CORR + (["seconds"] if timed else []))
     agg = sort_rows(agg, {"target": ["val", "query"], "method": ESTIMATOR_ORDER}, ["target", "lam", "method"])
+    if not timed:  # without timings the exact-LOO rows carry nothing
+        agg = agg[agg["method"] != "exact_loo"].reset_index(drop=True)
     cols = [Column("spearman", "Spearman", "max"), Column("kendall", "Kendall", "max"),
             Column("pearson", "Pearson", "max"), Column("top10", "top-10% overlap", "max", digits=2),
-            Column("lds", "LDS", "max"), Column("seconds", "time (s)", digits=2, timing=True)]
+            Column("lds", "LDS", "max")] + ([Column("seconds", "time (s)", digits=2, timing=True)] if timed else [])
     n = int(agg["n_runs"].max())
     return Table(name, agg, ["target", "lam", "method"], cols,
                  f"Attribution estimators vs exact leave-one-out (mean ± std over {n} seed(s); target val = mean "
@@ -409,16 +413,18 @@ def hypergrad_accuracy_table(results: Any, name: str = "hypergrad_accuracy", sou
             method, variant, budget, cost, hvps, inner_steps, cosine, rel_error, spearman_alpha,
             seconds), one or several runs (seeds are averaged).
     """
-    check_columns(results, ["dataset", "method", "variant", "budget", "seconds"] + _HG, "hypergrad_accuracy_table")
-    agg = aggregate(results, ["dataset", "method", "variant", "budget"], _HG + ["seconds"])
+    check_columns(results, ["dataset", "method", "variant", "budget"] + _HG, "hypergrad_accuracy_table")
+    timed = "seconds" in results.columns
+    agg = aggregate(results, ["dataset", "method", "variant", "budget"], _HG + (["seconds"] if timed else []))
     agg = sort_rows(agg, {"method": HYPERGRAD_ORDER}, ["dataset", "method", "variant", "budget"])
     agg = agg.drop(columns=["method"])
     cols = [Column("cost", "cost (HVPs + inner steps)", digits=0), Column("cosine", "cosine to exact", digits=4),
             Column("rel_error", "relative error", sci=True, digits=2),
-            Column("spearman_alpha", "Spearman of dL/dα", digits=4),
-            Column("seconds", "time (ms)", digits=2, timing=True)]
-    agg["seconds_mean"] = agg["seconds_mean"] * 1e3
-    agg["seconds_std"] = agg["seconds_std"] * 1e3
+            Column("spearman_alpha", "Spearman of dL/dα", digits=4)]
+    if timed:
+        cols.append(Column("seconds", "time (ms)", digits=2, timing=True))
+        agg["seconds_mean"] = agg["seconds_mean"] * 1e3
+        agg["seconds_std"] = agg["seconds_std"] * 1e3
     return Table(name, agg, ["dataset", "variant", "budget"], cols,
                  "Hypergradient methods vs the exact implicit hypergradient (dense solve) as their budget grows.",
                  sources=list(sources))

@@ -1,0 +1,412 @@
+"""One-command reproduction: run the experiment grid, then build every table and figure of the paper.
+
+One command::
+
+    .venv/bin/python -m experiments.paper --out paper_out            # default grid (MNIST-5k; < 60 min on 2 cores)
+    .venv/bin/python -m experiments.paper --out paper_out --quick    # quick grid (digits; < 5 min on 2 cores)
+    .venv/bin/python -m experiments.paper --out paper_out --quick --no-run   # rebuild tables/figures only
+
+Steps (each sub-experiment runs as its own process with its own ``--quick`` flag, so a crash in one
+does not stop the others, and its exact command is recorded):
+
+1. ``main_job``: ``experiments.cli run`` for seeds 0, 1, 2 (uniform vs learned weights);
+2. ``noise_grid``: ``experiments.noise_grid`` (bilevel vs baselines under label noise / imbalance);
+3. ``hypergrad_accuracy``: ``experiments.hypergrad_accuracy`` (the approximation ladder vs exact);
+4. ``sanity``: ``experiments.sanity`` (attribution estimators vs exact leave-one-out);
+5. ``faithfulness``: ``experiments.faithfulness`` (remove / keep top-K supporters);
+6. ``staged``: ``experiments.staged`` (head-only vs staged training).
+
+A step whose module does not exist is skipped with a line in ``INDEX.md``; finished run directories
+are reused on a rerun (each experiment resumes / skips its finished runs), and the feature cache
+(``.carrot_cache``) makes warm-ups a one-time cost. Then the tables (:mod:`analysis.tables`; CSV,
+Markdown, LaTeX) go to ``<out>/tables/`` and the figures (:mod:`paper_figs`; PDF, PNG) to
+``<out>/figures/``, with ``<out>/INDEX.md`` listing every artefact, its source runs and the command
+that made it, and ``provenance.json`` files (git commit, package versions, config hashes).
+
+Reproducibility: the ``*.csv`` tables hold no wall-clock numbers (those go to ``*_timing.csv``), so
+rerunning the same grid on the same machine gives byte-identical CSV tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+import traceback
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+__all__ = ["GRIDS", "Step", "build_artefacts", "main", "plan", "run_steps"]
+
+log = logging.getLogger(__name__)
+
+SEEDS = (0, 1, 2)
+
+#: Overrides per grid and step (appended after the experiment's own ``--quick`` list, so they win).
+GRIDS: Dict[str, Dict[str, List[str]]] = {
+    "quick": {
+        "main_job": ["data.dataset=digits", "backbone.epochs=2", "outer.steps=20"],
+        "noise_grid": ["base.data.dataset=digits", "base.backbone.epochs=2", "settings=[sym40, lt10]",
+                       "seeds=[0, 1]", "base.outer.steps=20", "baseline_epochs=20", "sgd_lr_grid=[0.01]"],
+        "hypergrad_accuracy": ["base.backbone.epochs=2"],
+        "sanity": ["data.dataset=digits", "backbone.epochs=2"],
+        "faithfulness": ["data.dataset=digits", "backbone.epochs=2", "ks=[1, 10, 50]",
+                         "methods=[hypergrad_cg, influence_cg, influence_kfac, representer, tracin]"],
+        "staged": [],
+    },
+    "full": {
+        "main_job": [],
+        "noise_grid": [],
+        "hypergrad_accuracy": [],
+        "sanity": [],
+        "faithfulness": ["n_queries=10", "n_random=2"],
+        "staged": [],
+    },
+}
+
+
+@dataclass
+class Step:
+    """One sub-experiment invocation: ``python -m <module> <argv>``."""
+
+    name: str
+    module: str
+    argv: List[str]
+    output: str
+    description: str
+    status: str = "pending"
+    seconds: float = 0.0
+    message: str = ""
+
+    def command(self) -> str:
+        return " ".join(["python", "-m", self.module] + [_quote(a) for a in self.argv])
+
+
+def _quote(a: str) -> str:
+    return f"'{a}'" if any(ch in a for ch in " []{},") else a
+
+
+def plan(out: Path, quick: bool) -> List[Step]:
+    """The sub-experiment invocations of the quick or default grid, writing under ``<out>/runs/<grid>``."""
+    grid = "quick" if quick else "full"
+    g = GRIDS[grid]
+    R = out / "runs" / grid
+    q = ["--quick"] if quick else []
+    main = [Step(f"main_job_seed{s}", "experiments.cli",
+                 ["run", "--quiet"] + g["main_job"] + ["threads=1", f"seed={s}", f"name=seed{s}", f"out_dir={R / 'main'}"],
+                 str(R / "main" / f"seed{s}"), f"main job, seed {s}: uniform vs learned weights") for s in SEEDS]
+    other = {
+        "noise_grid": Step("noise_grid", "experiments.noise_grid", q + g["noise_grid"] + [f"out_dir={R}", "name=noise_grid"],
+                           str(R / "noise_grid"), "noise grid: bilevel reweighting vs baselines"),
+        "hypergrad_accuracy": Step("hypergrad_accuracy", "experiments.hypergrad_accuracy",
+                                   q + g["hypergrad_accuracy"] + [f"out_dir={R}", "name=hypergrad_accuracy"],
+                                   str(R / "hypergrad_accuracy"), "hypergradient ladder vs exact"),
+        "sanity": Step("sanity", "experiments.sanity", q + g["sanity"] + [f"out_dir={R}", "name=main"],
+                       str(R / "sanity" / "main"), "attribution estimators vs exact leave-one-out"),
+        "faithfulness": Step("faithfulness", "experiments.faithfulness", q + g["faithfulness"] + [f"out_dir={R}", "name=main"],
+                             str(R / "faithfulness" / "main"), "faithfulness: remove / keep top-K supporters"),
+        "staged": Step("staged", "experiments.staged", q + g["staged"] + ["--out", str(R / "staged")],
+                       str(R / "staged"), "staged training strategies"),
+    }
+    # execution order with two workers: the longest steps start early; main seed 0 first builds the
+    # seed-0 features that sanity / faithfulness / hypergrad_accuracy then read from the cache
+    steps = [main[0], other["staged"], main[1], other["faithfulness"], main[2], other["sanity"], other["noise_grid"],
+             other["hypergrad_accuracy"]]
+    return steps
+
+
+def _module_exists(module: str) -> bool:
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
+
+
+def _run_one(st: Step, log_dir: Path, env: Dict[str, str], timeout: Optional[float]) -> None:
+    print(f"[paper] start {st.name}: {st.command()}", flush=True)
+    t0 = time.perf_counter()
+    with open(log_dir / f"{st.name}.log", "w") as fh:
+        try:
+            rc = subprocess.run([sys.executable, "-m", st.module] + st.argv, stdout=fh, stderr=subprocess.STDOUT,
+                                env=env, cwd=os.getcwd(), timeout=timeout).returncode
+        except subprocess.TimeoutExpired:
+            rc = -1
+    st.seconds = time.perf_counter() - t0
+    if rc == 0:
+        st.status = "done"
+    else:
+        tail = (log_dir / f"{st.name}.log").read_text(errors="replace").strip().splitlines()[-3:]
+        st.status = "failed"
+        st.message = f"exit code {rc}" + (" (timeout)" if rc == -1 else "") + ": " + " | ".join(tail)
+    print(f"[paper] {st.name}: {st.status} in {st.seconds:.0f}s {st.message}", flush=True)
+
+
+def run_steps(steps: Sequence[Step], log_dir: Path, timeout: Optional[float] = None, jobs: int = 2) -> None:
+    """Run the steps as subprocesses, ``jobs`` at a time, in list order (stdout/stderr to ``<log_dir>/<name>.log``).
+
+    Steps are independent (they share only the content-addressed feature cache, whose writes are
+    atomic), so running them side by side changes wall time, not results.
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    log_dir.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONHASHSEED="0", CI=os.environ.get("CI", "1"))
+    root = Path(__file__).resolve().parent.parent
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
+    todo = []
+    for st in steps:
+        if not _module_exists(st.module):
+            st.status, st.message = "skipped", f"module {st.module} does not exist in this checkout"
+            print(f"[paper] skip {st.name}: {st.message}", flush=True)
+        else:
+            todo.append(st)
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
+        for f in [ex.submit(_run_one, st, log_dir, env, timeout) for st in todo]:
+            f.result()
+
+
+# ------------------------------------------------------------------------------------------------
+# artefacts
+# ------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Artefact:
+    """A table or figure: its files, sources and the command that regenerates it."""
+
+    kind: str
+    name: str
+    description: str
+    files: List[str] = field(default_factory=list)
+    sources: List[Dict[str, Any]] = field(default_factory=list)
+    command: str = ""
+    status: str = "built"
+    message: str = ""
+    warnings: List[str] = field(default_factory=list)
+
+
+def _sources_hash(sources: Sequence[Dict[str, Any]]) -> str:
+    return hashlib.sha256(json.dumps(list(sources), sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _guard(art: Artefact, fn: Callable[[], None]) -> Artefact:
+    """Run ``fn`` collecting warnings (skipped runs) and turning errors into a recorded failure."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            fn()
+        except BaseException as e:  # noqa: BLE001 -- SystemExit from figure scripts included
+            if isinstance(e, KeyboardInterrupt):
+                raise
+            art.status = "failed"
+            art.message = f"{type(e).__name__}: {e}".strip()
+            log.debug("artefact %s failed:\n%s", art.name, traceback.format_exc())
+    art.warnings = [str(w.message) for w in caught if str(w.message).startswith("Skipping")]
+    return art
+
+
+def build_artefacts(out: Path, quick: bool, steps: Sequence[Step]) -> List[Artefact]:
+    """Build every table (``<out>/tables``) and figure (``<out>/figures``) from the runs of the grid."""
+    from analysis.build import build_table
+    from analysis.export import export_table
+    from analysis.loading import load_runs
+    from reweight.runs import environment_info
+
+    grid = "quick" if quick else "full"
+    R = out / "runs" / grid
+    T, F = out / "tables", out / "figures"
+    env = environment_info()
+    status = {s.name.split("_seed")[0]: s for s in steps}
+    arts: List[Artefact] = []
+
+    def missing_step(step: str) -> Optional[str]:
+        s = status.get(step)
+        if s is not None and s.status == "skipped":
+            return s.message
+        return None
+
+    def table(name: str, desc: str, step: str, build: Callable[[], Any], src: Path) -> None:
+        art = Artefact("table", name, desc, command=f"python -m analysis {name} {src} --out {T}")
+        why = missing_step(step)
+        if why:
+            art.status, art.message = "skipped", why
+            arts.append(art)
+            return
+
+        def go() -> None:
+            t = build()
+            art.sources = t.sources
+            prov = {"git_commit": env.get("git_commit"), "sources_hash": _sources_hash(t.sources),
+                    "generated_by": art.command}
+            art.files = [str(p) for p in export_table(t, T, provenance=prov)]
+
+        arts.append(_guard(art, go))
+
+    def figure(name: str, desc: str, step: str, draw: Callable[[Path], Any], cmd: str) -> None:
+        art = Artefact("figure", name, desc, command=cmd)
+        why = missing_step(step)
+        if why:
+            art.status, art.message = "skipped", why
+            arts.append(art)
+            return
+
+        def go() -> None:
+            paths = draw(F / name)
+            art.files = [str(p) for p in (paths or [])]
+
+        arts.append(_guard(art, go))
+
+    main_dir, grid_dir = R / "main", R / "noise_grid"
+    hg_dir, sanity_dir, faith_dir, staged_dir = R / "hypergrad_accuracy", R / "sanity", R / "faithfulness" / "main", R / "staged"
+
+    def main_runs(weights: bool = False):
+        return load_runs(main_dir, require_summary=["learned.test_acc", "uniform.test_acc", "auroc", "ess_ratio_min"],
+                         require_weights=weights, what="main-job runs")
+
+    # ---- tables (analysis.build.build_table; `python -m analysis <name> <dir>` rebuilds one) ----
+    for name, desc, step, src in (
+            ("main_job", "uniform vs learned weights (main job, mean ± std over seeds)", "main_job", main_dir),
+            ("per_class_ess", "per-class ESS, entropy, clean/corrupted mean weight, before/after learning", "main_job",
+             main_dir),
+            ("method_comparison", "method x setting: test accuracy, AUROC, min ESS ratio", "noise_grid", grid_dir),
+            ("method_comparison_acc", "test accuracy pivot: methods x settings", "noise_grid", grid_dir),
+            ("rank_correlations", "estimators vs exact LOO: Spearman, Kendall, Pearson, top-10%, LDS", "sanity",
+             sanity_dir),
+            ("hypergrad_accuracy", "hypergradient ladder: cosine / relative error vs cost", "hypergrad_accuracy", hg_dir),
+            ("staged", "staged-training strategies: accuracy, AUROC, epochs", "staged", staged_dir)):
+        table(name, desc, step, lambda name=name, src=src: build_table(name, [src]), src)
+
+    # ---- figures -----------------------------------------------------------------------------
+    def fig_cmd(module: str, src: Path, name: str, extra: str = "") -> str:
+        return f"python -m paper_figs.{module} {src}{extra} --out {F / name}"
+
+    from paper_figs.class_ess import plot_class_ess
+    from paper_figs.hypergrad_cost import plot_hypergrad_cost
+    from paper_figs.trajectories import plot_trajectories
+    from paper_figs.weight_hist import plot_weight_hist
+
+    figure("weight_hist", "histogram of learned weights, clean vs corrupted samples", "main_job",
+           lambda stem: plot_weight_hist(main_runs(weights=True), stem), fig_cmd("weight_hist", main_dir, "weight_hist"))
+    figure("class_ess", "per-class ESS/n_c, learned vs uniform, with the clean fraction", "main_job",
+           lambda stem: plot_class_ess(main_runs(weights=True), stem), fig_cmd("class_ess", main_dir, "class_ess"))
+    figure("trajectories", "validation loss, AUROC, min ESS ratio and test accuracy per outer step", "main_job",
+           lambda stem: plot_trajectories(main_dir, stem), fig_cmd("trajectories", main_dir, "trajectories"))
+    figure("hypergrad_cost", "hypergradient cosine / relative error vs cost", "hypergrad_accuracy",
+           lambda stem: plot_hypergrad_cost([hg_dir], stem), fig_cmd("hypergrad_cost", hg_dir, "hypergrad_cost"))
+
+    def external(module: str, fn: str, call: Callable[[Any, Path], Any]) -> Callable[[Path], Any]:
+        def draw(stem: Path):
+            if not _module_exists(f"paper_figs.{module}"):
+                raise ImportError(f"paper_figs.{module} does not exist in this checkout")
+            mod = importlib.import_module(f"paper_figs.{module}")
+            return call(getattr(mod, fn), stem)
+        return draw
+
+    figure("staged_curves", "accuracy per epoch per staged strategy (paper_figs.staged_curves)", "staged",
+           external("staged_curves", "plot_staged_curves", lambda f, stem: f(staged_dir, stem)),
+           f"python -m paper_figs.staged_curves {staged_dir} --out {F / 'staged_curves'}")
+    figure("loo_scatter", "exact LOO vs estimate, per estimator (paper_figs.loo_scatter)", "sanity",
+           external("loo_scatter", "plot_loo_scatter", lambda f, stem: f(sanity_dir / "main", out=stem)),
+           f"python -m paper_figs.loo_scatter {sanity_dir / 'main'} --out {F / 'loo_scatter'}")
+    figure("faithfulness", "faithfulness curves (paper_figs.faithfulness)", "faithfulness",
+           external("faithfulness", "plot_faithfulness", lambda f, stem: f(faith_dir, out=stem)),
+           f"python -m paper_figs.faithfulness {faith_dir} --out {F / 'faithfulness'}")
+
+    # ---- provenance --------------------------------------------------------------------------
+    from reweight.runs import atomic_write_json
+
+    for kind, folder in (("table", T), ("figure", F)):
+        items = {a.name: {"files": [Path(f).name for f in a.files], "status": a.status,
+                          "sources": a.sources, "sources_hash": _sources_hash(a.sources) if a.sources else None,
+                          "command": a.command} for a in arts if a.kind == kind}
+        atomic_write_json(folder / "provenance.json", {
+            "grid": grid, "git_commit": env.get("git_commit"), "packages": env.get("packages"),
+            "python": env.get("python"), "platform": env.get("platform"), kind + "s": items})
+    return arts
+
+
+def write_index(out: Path, quick: bool, steps: Sequence[Step], arts: Sequence[Artefact], argv: Sequence[str],
+                seconds: float) -> Path:
+    """``<out>/INDEX.md``: the experiments run (command, status, time) and every artefact with its source."""
+    from reweight.runs import atomic_write_text, environment_info
+
+    env = environment_info()
+    rel = lambda p: os.path.relpath(p, out)  # noqa: E731
+    lines = [f"# Paper artefacts ({'quick' if quick else 'default'} grid)", "",
+             f"Made by `python -m experiments.paper {' '.join(argv)}` in {seconds:.0f} s "
+             f"(git commit `{env.get('git_commit')}`, python {env.get('python')}, torch {env['packages'].get('torch')}).",
+             "Package versions, source runs and config hashes: `tables/provenance.json`, `figures/provenance.json`.",
+             "CSV tables are byte-identical on a rerun of the same grid; wall-clock times live only in `*_timing.csv`,",
+             "`.md` and `.tex` (and are excluded from the byte-identity promise).", "",
+             "## Experiments", "", "| step | status | time (s) | output | command |", "|---|---|---:|---|---|"]
+    for s in steps:
+        note = f" -- {s.message}" if s.message else ""
+        lines.append(f"| {s.name} | {s.status}{note} | {s.seconds:.0f} | `{rel(s.output)}` | `{s.command()}` |")
+    for kind in ("table", "figure"):
+        lines += ["", f"## {kind.capitalize()}s", "", "| name | status | files | what | made by |", "|---|---|---|---|---|"]
+        for a in arts:
+            if a.kind != kind:
+                continue
+            files = ", ".join(f"`{rel(f)}`" for f in a.files) or "--"
+            st = a.status + (f": {a.message}" if a.message else "")
+            if a.warnings:
+                st += " (skipped runs: " + "; ".join(w.replace("\n", " ") for w in a.warnings) + ")"
+            lines.append(f"| {a.name} | {st.replace('|', '/')} | {files} | {a.description} | `{a.command}` |")
+    lines.append("")
+    path = out / "INDEX.md"
+    atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="paper_out", help="output folder (default %(default)s)")
+    p.add_argument("--quick", action="store_true", help="the quick grid (digits, few steps; < 5 min on 2 cores)")
+    p.add_argument("--no-run", action="store_true", help="do not run experiments; build tables/figures from existing runs")
+    p.add_argument("--steps", nargs="+", default=None,
+                   help="run only these steps (main_job, noise_grid, hypergrad_accuracy, sanity, faithfulness, staged)")
+    p.add_argument("--timeout", type=float, default=None, help="per-step timeout in seconds")
+    p.add_argument("--jobs", type=int, default=2, help="sub-experiments run side by side (default %(default)s)")
+    p.add_argument("-v", "--verbose", action="store_true")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    steps = plan(out, a.quick)
+    if a.steps:
+        known = {s.name.split("_seed")[0] for s in steps}
+        bad = [s for s in a.steps if s not in known]
+        if bad:
+            print(f"error: The '--steps' parameter must name steps from {', '.join(sorted(known))}. Got {bad} instead.",
+                  file=sys.stderr)
+            return 2
+    for s in steps:
+        if not _module_exists(s.module):
+            s.status, s.message = "skipped", f"module {s.module} does not exist in this checkout"
+        elif a.no_run or (a.steps and s.name.split("_seed")[0] not in a.steps):
+            s.status = "not run (--no-run/--steps): existing runs used"
+    todo = [s for s in steps if s.status == "pending"]
+    run_steps(todo, out / "logs" / ("quick" if a.quick else "full"), timeout=a.timeout, jobs=a.jobs)
+    arts = build_artefacts(out, a.quick, steps)
+    index = write_index(out, a.quick, steps, arts, argv, time.perf_counter() - t0)
+    failed = [s.name for s in steps if s.status == "failed"] + [x.name for x in arts if x.status == "failed"]
+    print(f"[paper] {sum(x.status == 'built' for x in arts)} artefacts built, "
+          f"{sum(x.status == 'skipped' for x in arts)} skipped, {len(failed)} failed "
+          f"({', '.join(failed) or 'none'}) in {time.perf_counter() - t0:.0f}s; index: {index}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
