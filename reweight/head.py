@@ -171,25 +171,40 @@ class HeadHessian:
         H = 0.5 * (H + H.T)
         return (H + self.lam * torch.eye(K * D, dtype=X.dtype, device=X.device)).to(dtype or self.X.dtype)
 
-    def solve(self, B: torch.Tensor, method: Literal["dense", "cg", "auto"] = "auto", tol: float = 1e-8,
-              max_iter: int = 1000, x0: Optional[torch.Tensor] = None) -> IHVPResult:
-        r"""The inverse-Hessian-vector product :math:`H^{-1} B` -- the kernel shared by hypergradients
-        and influence functions. ``B`` is ``(K, D)``; ``dense`` uses Cholesky, ``cg`` conjugate gradients
-        to relative residual ``tol``."""
-        if method == "auto":
-            method = "dense" if self.K * self.D <= DENSE_MAX else "cg"
-        if method == "dense":
-            # factorise in float64: ill-conditioned float32 Hessians (large alpha, small lambda) are still
-            # positive definite but defeat a float32 Cholesky; the dense path is for small K*D anyway
+    def cholesky(self) -> torch.Tensor:
+        """The float64 Cholesky factor of :meth:`dense`, computed once per operator and cached.
+
+        Factorised in float64: ill-conditioned float32 Hessians (large alpha, small lambda) are still
+        positive definite but defeat a float32 Cholesky; the dense path is for small ``K·D`` anyway.
+
+        Raises:
+            FloatingPointError: if the Hessian is not positive definite.
+        """
+        if getattr(self, "_chol", None) is None:
             H = self.dense(torch.float64)
             L, info = torch.linalg.cholesky_ex(H)
             if int(info) != 0:
                 raise FloatingPointError("The head Hessian is not positive definite (check lam > 0 and alpha >= 0).")
-            b = B.reshape(-1, 1).to(torch.float64)
+            self._H64, self._chol = H, L
+        return self._chol
+
+    def solve(self, B: torch.Tensor, method: Literal["dense", "cg", "auto"] = "auto", tol: float = 1e-8,
+              max_iter: int = 1000, x0: Optional[torch.Tensor] = None) -> IHVPResult:
+        r"""The inverse-Hessian-vector product :math:`H^{-1} B` -- the kernel shared by hypergradients
+        and influence functions.
+
+        ``B`` is ``(K, D)``, or a batch ``(Q, K, D)`` for ``dense``. ``dense`` uses the cached Cholesky
+        factor (:meth:`cholesky`; repeated solves on one operator factorise once), ``cg`` conjugate
+        gradients to relative residual ``tol``. ``rel_residual`` is the largest over the batch."""
+        if method == "auto":
+            method = "dense" if self.K * self.D <= DENSE_MAX else "cg"
+        if method == "dense":
+            L = self.cholesky()
+            b = B.reshape(-1, self.K * self.D).T.to(torch.float64)  # (KD, Q)
             x = torch.cholesky_solve(b, L)
-            r = torch.linalg.vector_norm(H @ x - b) / torch.linalg.vector_norm(b).clamp_min(1e-300)
-            return IHVPResult(x=x.reshape(B.shape).to(B.dtype), hvps=0, rel_residual=float(r), converged=True,
-                              method="dense")
+            r = torch.linalg.vector_norm(self._H64 @ x - b, dim=0) / torch.linalg.vector_norm(b, dim=0).clamp_min(1e-300)
+            return IHVPResult(x=x.T.reshape(B.shape).to(B.dtype), hvps=0, rel_residual=float(r.max()),
+                              converged=True, method="dense")
         if method == "cg":
             start = self.hvps
             res: CGResult = conjugate_gradient(self.matvec, B, x0=x0, tol=tol, max_iter=max_iter)

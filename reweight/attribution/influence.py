@@ -72,15 +72,11 @@ class InfluenceExact(_Influence):
             raise ConfigError(f"The 'max_dim' parameter of InfluenceExact must be >= K*D = {KD} (the head's size; "
                               f"the dense Hessian has (K*D)^2 entries). Got {self.max_dim} instead. "
                               f"Use influence_cg for large heads.")
-        Hd = problem.inner.hessian(problem.W, problem.alpha).dense()
-        L, info = torch.linalg.cholesky_ex(Hd)
-        if int(info) != 0:
-            raise FloatingPointError("The head Hessian is not positive definite (check lam > 0 and alpha >= 0).")
-        self._L = L
+        self._H = problem.inner.hessian(problem.W, problem.alpha)
+        self._H.cholesky()  # factorise once at fit time; every target reuses it
 
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
-        Q = B.shape[0]
-        return torch.cholesky_solve(B.reshape(Q, -1).T, self._L).T.reshape(B.shape)
+        return self._H.solve(B, method="dense").x
 
 
 @ATTRIBUTION.register("influence_cg")

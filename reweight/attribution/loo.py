@@ -138,7 +138,7 @@ def exact_loo(problem: AttributionProblem, subset, X_val: Optional[torch.Tensor]
         H = inner.hessian(W_star, alpha)
         if problem.K * problem.D <= DENSE_FACTOR_MAX:
             # explicit inverse from the Cholesky factor: every later use is one (K*D)^2 mat-vec
-            Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H.dense()))
+            Hinv = torch.cholesky_inverse(H.cholesky()).to(dt)
     G = problem.residuals()
     setup = time.perf_counter() - t0
 
