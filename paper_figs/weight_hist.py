@@ -50,12 +50,23 @@ def plot_weight_hist(runs, stem: str | Path, bins: int = 40) -> List[Path]:
         ax.hist(np.clip(a, edges[0], edges[-1]), bins=edges, histtype="step", color=PALETTE[name], lw=1.0)
     ax.axvline(1.0, color=PALETTE["uniform"], ls="--", lw=0.9, label="uniform weight 1")
     ax.set_xscale("log")
+    # decimal tick labels at 1-3-10 steps (matplotlib's log formatter labels minor ticks when the
+    # range spans few decades, and those labels collide)
+    from matplotlib.ticker import FixedLocator, NullFormatter
+
+    cands = [m * 10.0 ** e for e in range(-4, 3) for m in (1, 3)]
+    ticks = [t for t in cands if edges[0] <= t <= edges[-1]]
+    if len(ticks) < 4:  # less than ~1.5 decades: 1-2-5 steps
+        ticks = [t for t in (m * 10.0 ** e for e in range(-4, 3) for m in (1, 2, 5)) if edges[0] <= t <= edges[-1]]
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
     ax.set_xlabel(r"learned weight $\alpha_i$ (log scale)")
     ax.set_ylabel("training samples")
     n_runs = w["run"].nunique()
     ax.set_title(f"Learned weights, {n_runs} run{'s' if n_runs > 1 else ''} pooled")
     ax.legend(loc="upper left", frameon=True, facecolor="white", edgecolor="none", framealpha=0.9)
-    ax.set_ylim(top=ax.get_ylim()[1] * 1.35)  # room for the legend above the bars
+    ax.set_ylim(top=ax.get_ylim()[1] * 1.6)  # room for the legend above the bars
     fig.tight_layout()
     paths = save_figure(fig, stem)
     plt.close(fig)

@@ -121,3 +121,15 @@ def test_paper_no_run_builds_what_exists_and_indexes_the_rest(tmp_path, monkeypa
     first = (out / "tables" / "main_job.csv").read_bytes()
     assert paper.main(["--out", str(out), "--quick", "--no-run"]) == 1
     assert (out / "tables" / "main_job.csv").read_bytes() == first
+
+
+def test_run_steps_records_failures_cpu_and_missing_modules(tmp_path):
+    from experiments.paper import Step, run_steps
+
+    steps = [Step("ok", "json.tool", ["--help"], "x", "d"), Step("bad", "json.tool", [str(tmp_path / "nope")], "x", "d"),
+             Step("gone", "experiments.does_not_exist", [], "x", "d")]
+    run_steps(steps, tmp_path / "logs", timeout=60, jobs=2)
+    assert [s.status for s in steps] == ["done", "failed", "skipped"]
+    assert steps[0].cpu_seconds >= 0 and (tmp_path / "logs" / "ok.log").is_file()
+    assert steps[1].message.startswith("exit code 2: ") and "nope" in steps[1].message
+    assert steps[2].message == "module experiments.does_not_exist does not exist in this checkout"
