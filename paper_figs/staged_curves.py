@@ -102,7 +102,7 @@ def plot_staged_curves(study: str | Path, stem: str | Path, strategies: Optional
             if g > 0:
                 ax.axvline(g + 0.5, color="0.6", lw=0.8)
             ax.text(g + 0.6, 0.02, st, rotation=90, fontsize=7, color="0.35", transform=ax.get_xaxis_transform(),
-                    va="bottom")
+                    va="bottom", clip_on=True)
         ax.set_title(TITLES.get(name, name), fontsize=9)
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
