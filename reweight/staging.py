@@ -477,7 +477,7 @@ def run_staged(cfg: StagedRunConfig, data: Optional[StagedData] = None, run: Opt
     head_names = set(head_parameter_names(model))
     for k in range(start, len(cfg.stages)):
         st = cfg.stages[k]
-        t_stage = time.perf_counter()
+        t_stage, c_stage = time.perf_counter(), time.process_time()
         setup = configure_stage(model, st)
         opt, sched = setup.optimizer, setup.scheduler
         freeze_rows.extend({"stage": st.name, "stage_index": k, **r} for r in setup.report.rows)
@@ -538,7 +538,7 @@ def run_staged(cfg: StagedRunConfig, data: Optional[StagedData] = None, run: Opt
                 "best_epoch": best[1] if st.restore_best else None,
                 "val_acc": _accuracy(model, data.x_val, data.y_val, cfg.eval_batch_size, cfg.device),
                 "test_acc": _accuracy(model, data.x_test, data.y_test, cfg.eval_batch_size, cfg.device),
-                "seconds": time.perf_counter() - t_stage}
+                "seconds": time.perf_counter() - t_stage, "cpu_seconds": time.process_time() - c_stage}
         stage_rows.append(srow)
         save_checked(_ckpt_path(run, k), {
             "format": 1, "stage_index": k, "stage_name": st.name, "epoch": st.epochs, "model_name": cfg.model,
@@ -564,7 +564,9 @@ def run_staged(cfg: StagedRunConfig, data: Optional[StagedData] = None, run: Opt
         "weights_auroc": weight_auroc(alpha, data.corrupted) if alpha is not None else None,
         "max_trainable_params": max((r["trainable_params"] for r in stage_rows), default=0),
         "epochs": global_epoch, "resumed_from": resumed, "seconds_this_session": time.perf_counter() - t_start,
-        "seconds_stages": sum(r["seconds"] for r in stage_rows), "config_hash": run.hash,
+        "seconds_stages": sum(r["seconds"] for r in stage_rows),
+        "cpu_seconds_stages": sum(r["cpu_seconds"] for r in stage_rows) if all("cpu_seconds" in r for r in stage_rows) else None,
+        "config_hash": run.hash,
     }
     save_checked(run.file("final.pt"), {"model": model.state_dict(), "frozen_bn": frozen_bn_names(model),
                                         "alpha": alpha, "model_name": cfg.model})
