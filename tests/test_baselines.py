@@ -192,3 +192,46 @@ def test_option_validation(name, options, match):
 def test_class_balanced_weights_validation():
     with pytest.raises(ConfigError, match=r"'beta' parameter of class_balanced_weights must be in \[0, 1\)"):
         class_balanced_weights(torch.tensor([0, 1]), 2, beta=-0.1)
+
+
+# --------------------------------------------------------------------------------------------
+# the noise-grid driver's pure parts (tables and config validation; the runs themselves are
+# exercised by `python -m experiments.noise_grid --quick`)
+# --------------------------------------------------------------------------------------------
+
+
+def _fake_rows():
+    rows = []
+    for seed, (cg, l2) in enumerate([(0.90, 0.89), (0.91, 0.92), (0.95, 0.93)]):
+        for method, acc in (("bilevel_cg", cg), ("l2rw", l2)):
+            rows.append({"setting": "sym40", "method": method, "seed": seed, "test_acc": acc,
+                         "auroc": 0.9 if method == "l2rw" else None, "ess_ratio_min": 0.5, "seconds": 1.0})
+    return rows
+
+
+def test_noise_grid_aggregate_and_paired():
+    from experiments.noise_grid import aggregate, markdown, paired
+
+    rows = _fake_rows()
+    t = aggregate(rows)
+    cg = t[t.method == "bilevel_cg"].iloc[0]
+    assert cg.seeds == 3 and cg.test_acc_mean == pytest.approx(0.92)
+    assert cg.test_acc_std == pytest.approx(float(torch.tensor([0.90, 0.91, 0.95], dtype=DT).std()))  # ddof 1
+    assert cg.auroc_mean != cg.auroc_mean  # NaN where there is no AUROC
+    p = paired(rows, methods=("bilevel_cg",), against=("l2rw",)).iloc[0]
+    assert p.diff_mean == pytest.approx((0.01 - 0.01 + 0.02) / 3) and p.seeds_not_worse == 2
+    assert p.diff_min == pytest.approx(-0.01) and p.diff_max == pytest.approx(0.02)
+    md = markdown(t, paired(rows))
+    assert "| sym40 | bilevel_cg | 3 | 0.920 ± 0.026 | n/a |" in md and "2/3" in md
+
+
+def test_noise_grid_config_validation():
+    from experiments.noise_grid import NoiseGridConfig
+    from reweight.config import from_dict
+
+    with pytest.raises(ConfigError, match="'settings' parameter must hold names from sym20"):
+        from_dict(NoiseGridConfig, {"settings": ["sym30"]})
+    with pytest.raises(ConfigError, match="'methods' parameter must hold names from oracle"):
+        from_dict(NoiseGridConfig, {"methods": ["focal"]})
+    with pytest.raises(ConfigError, match="Unknown config key 'seed'"):
+        from_dict(NoiseGridConfig, {"seed": 1})

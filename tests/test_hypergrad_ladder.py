@@ -419,3 +419,15 @@ def test_budget_validation(name, options, match):
 def test_largest_eigenvalue_validation():
     with pytest.raises(ConfigError, match="'iters' parameter of largest_eigenvalue must be an int >= 1. Got 0"):
         largest_eigenvalue(lambda u: u, (2, 2), DT, iters=0)
+
+
+def test_accuracy_study_covers_every_registered_method():
+    """experiments/hypergrad_accuracy sweeps every rung (exact is its reference)."""
+    from experiments.hypergrad_accuracy import HypergradAccuracyConfig, sweep
+
+    pts = sweep(HypergradAccuracyConfig())
+    assert {m for m, *_ in pts} | {"exact"} == set(HYPERGRAD.names())
+    for m, _, options, budget in pts:
+        make_method(m, options)  # every point is a valid configuration
+    with pytest.raises(ConfigError, match="'cg_iters' parameter must hold budgets >= 1"):
+        HypergradAccuracyConfig(cg_iters=[0])
