@@ -2,7 +2,8 @@
 
 Reads ``<study>/results.csv`` written by ``experiments.staged`` and the ``metrics.jsonl`` of every
 staged run directory listed there (one JSON row per epoch). One panel per strategy: clean test
-accuracy per epoch (mean over seeds, each seed faint), clean validation accuracy dashed, stage
+accuracy per epoch (mean over seeds, each seed faint), clean validation accuracy dashed, the final test accuracy after each stage restored its
+best validation epoch (star), stage
 boundaries as vertical lines labelled with the stage names, and the head-only strategy (a) as a
 horizontal reference line. Saves ``<stem>.pdf`` and ``<stem>.png``.
 
@@ -92,6 +93,10 @@ def plot_staged_curves(study: str | Path, stem: str | Path, strategies: Optional
                 label="test (mean over seeds)")
         val = np.mean([[r["val_acc"] for r in seeds[s]][:L] for s in seeds], axis=0)
         ax.plot(ep[:L], val, color="C1", lw=1.2, ls="--", label="clean val")
+        final = df.loc[df.strategy == name, "test_acc"]
+        if len(final):
+            ax.plot([ep[L - 1] + 0.3], [float(final.mean())], marker="*", ms=9, color="C3", ls="none",
+                    label="final test (best epochs restored)")
         if len(head_only):
             ax.axhline(float(head_only.mean()), color="0.3", lw=1.0, ls=":", label="(a) head-only")
         # stage boundaries
@@ -107,12 +112,14 @@ def plot_staged_curves(study: str | Path, stem: str | Path, strategies: Optional
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
+        ax.set_xlim(0.5, ep[L - 1] + 0.7)
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
     axes[0, 0].set_ylabel("accuracy")
-    axes[0, 0].legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
+    handles, labels = axes[0, 0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=len(labels), frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     stem = Path(stem)
     stem.parent.mkdir(parents=True, exist_ok=True)
     if save_figure is not None:
