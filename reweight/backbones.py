@@ -717,13 +717,17 @@ def _accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: i
 
 def warmup(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_val: np.ndarray,
            y_val: np.ndarray, epochs: int, patience: int, batch_size: int, lr: float, weight_decay: float,
-           seed: int, progress: bool = False) -> List[Dict[str, float]]:
+           seed: int, progress: bool = False, min_epochs: int = 0) -> List[Dict[str, float]]:
     """Train ``model`` with cross-entropy; early-stop on validation accuracy; restore the best epoch.
+
+    Early stopping (``patience`` epochs without a new best validation accuracy) cannot fire before
+    ``min_epochs`` epochs: on small or long-tailed training sets a BatchNorm network can sit at
+    chance-level validation accuracy for a few epochs before it starts to generalise.
 
     Returns one dict per epoch: ``epoch``, ``train_loss``, ``val_acc``, ``seconds``.
     """
-    if epochs < 0 or patience < 1 or batch_size < 1 or not lr > 0:
-        raise ConfigError("warmup needs epochs >= 0, patience >= 1, batch_size >= 1 and lr > 0.")
+    if epochs < 0 or patience < 1 or batch_size < 1 or not lr > 0 or min_epochs < 0:
+        raise ConfigError("warmup needs epochs >= 0, patience >= 1, batch_size >= 1, lr > 0 and min_epochs >= 0.")
     xt, yt = torch.as_tensor(x_train), torch.as_tensor(y_train)
     xv, yv = torch.as_tensor(x_val), torch.as_tensor(y_val)
     g = torch_generator(seed, "warmup")
@@ -753,7 +757,7 @@ def warmup(model: torch.nn.Module, x_train: np.ndarray, y_train: np.ndarray, x_v
             best_acc, best_state, bad = acc, copy.deepcopy(model.state_dict()), 0
         else:
             bad += 1
-            if bad >= patience:
+            if bad >= patience and epoch + 1 >= min_epochs:
                 break
     model.load_state_dict(best_state)
     return history

@@ -104,6 +104,7 @@ class BackboneConfig:
     pretrained_file: Optional[str] = _f(None, "local checkpoint file with backbone weights (None = random init)")
     epochs: int = _f(10, "maximum warm-up epochs (plain CE on the training split)")
     patience: int = _f(3, "early stopping: epochs without clean-validation improvement")
+    min_epochs: int = _f(5, "early stopping cannot stop the warm-up before this many epochs")
     batch_size: int = _f(128, "warm-up batch size")
     lr: float = _f(2e-3, "warm-up AdamW learning rate")
     weight_decay: float = _f(1e-4, "warm-up AdamW weight decay")
@@ -111,6 +112,7 @@ class BackboneConfig:
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "backbone", "epochs", self.epochs, ">= 0")
         _check(self.patience >= 1, "backbone", "patience", self.patience, ">= 1")
+        _check(self.min_epochs >= 0, "backbone", "min_epochs", self.min_epochs, ">= 0")
         _check(self.batch_size >= 1, "backbone", "batch_size", self.batch_size, ">= 1")
         _check(self.lr > 0, "backbone", "lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "backbone", "weight_decay", self.weight_decay, ">= 0")

@@ -133,7 +133,12 @@ def build_features(data: DataConfig, backbone: BackboneConfig, feats: FeatureCon
                                 pretrained_file=backbone.pretrained_file)
         history = warmup(model, ds.images[sp.train], sp.train_labels, ds.images[sp.val], ds.labels[sp.val],
                          backbone.epochs, backbone.patience, backbone.batch_size, backbone.lr,
-                         backbone.weight_decay, seed, progress=progress)
+                         backbone.weight_decay, seed, progress=progress, min_epochs=backbone.min_epochs)
+        best = max((h["val_acc"] for h in history), default=float("nan"))
+        if history and best < 1.5 / ds.num_classes:
+            log.warning("Backbone warm-up reached only %.3f clean-validation accuracy (chance is %.3f): the "
+                        "features are barely better than random; raise backbone.epochs or backbone.min_epochs.",
+                        best, 1 / ds.num_classes)
         freeze_all(model)
         allx = extract_features(model, ds.images, feats.batch_size, device=device, progress=progress)
         hit = {"features": allx, "history": history, "warmup_seconds": time.perf_counter() - t0}
