@@ -51,15 +51,14 @@ log = logging.getLogger(__name__)
 
 SEEDS = (0, 1, 2)
 
-#: Overrides per grid and step (appended after the experiment's own ``--quick`` list, so they win).
 GRIDS: Dict[str, Dict[str, List[str]]] = {
     "quick": {
-        "main_job": ["data.dataset=digits", "backbone.epochs=2", "outer.steps=20"],
-        "noise_grid": ["base.data.dataset=digits", "base.backbone.epochs=2", "settings=[sym40, lt10]",
+        "main_job": ["data.dataset=digits", "backbone.epochs=6", "outer.steps=20"],
+        "noise_grid": ["base.data.dataset=digits", "base.backbone.epochs=6", "settings=[sym40, lt10]",
                        "seeds=[0, 1]", "base.outer.steps=20", "baseline_epochs=20", "sgd_lr_grid=[0.01]"],
-        "hypergrad_accuracy": ["base.backbone.epochs=2"],
-        "sanity": ["data.dataset=digits", "backbone.epochs=2"],
-        "faithfulness": ["data.dataset=digits", "backbone.epochs=2", "ks=[1, 10, 50]",
+        "hypergrad_accuracy": ["base.backbone.epochs=6"],
+        "sanity": ["data.dataset=digits", "backbone.epochs=6"],
+        "faithfulness": ["data.dataset=digits", "backbone.epochs=6", "ks=[1, 10, 50]",
                          "methods=[hypergrad_cg, influence_cg, influence_kfac, representer, tracin]"],
         "staged": [],
     },
@@ -72,6 +71,9 @@ GRIDS: Dict[str, Dict[str, List[str]]] = {
         "staged": [],
     },
 }
+"""Overrides per grid and step (after the experiment's own ``--quick`` list, so they win). Every step
+also gets ``threads=1`` (results do not depend on the machine's core count) and the feature cache
+``<out>/.feature_cache`` (a fresh output folder recomputes everything; a rerun reuses it)."""
 
 
 @dataclass
@@ -102,18 +104,26 @@ def plan(out: Path, quick: bool) -> List[Step]:
     g = GRIDS[grid]
     R = out / "runs" / grid
     q = ["--quick"] if quick else []
+    cache = str(out / ".feature_cache")
     main = [Step(f"main_job_seed{s}", "experiments.cli",
-                 ["run", "--quiet"] + g["main_job"] + ["threads=1", f"seed={s}", f"name=seed{s}", f"out_dir={R / 'main'}"],
+                 ["run", "--quiet"] + g["main_job"] + ["threads=1", f"features.cache_dir={cache}", f"seed={s}",
+                                                       f"name=seed{s}", f"out_dir={R / 'main'}"],
                  str(R / "main" / f"seed{s}"), f"main job, seed {s}: uniform vs learned weights") for s in SEEDS]
     other = {
-        "noise_grid": Step("noise_grid", "experiments.noise_grid", q + g["noise_grid"] + [f"out_dir={R}", "name=noise_grid"],
+        "noise_grid": Step("noise_grid", "experiments.noise_grid",
+                           q + ["--threads", "1"] + g["noise_grid"] + [f"base.features.cache_dir={cache}",
+                                                                       f"out_dir={R}", "name=noise_grid"],
                            str(R / "noise_grid"), "noise grid: bilevel reweighting vs baselines"),
         "hypergrad_accuracy": Step("hypergrad_accuracy", "experiments.hypergrad_accuracy",
-                                   q + g["hypergrad_accuracy"] + [f"out_dir={R}", "name=hypergrad_accuracy"],
+                                   q + ["--threads", "1"] + g["hypergrad_accuracy"]
+                                   + [f"base.features.cache_dir={cache}", f"out_dir={R}", "name=hypergrad_accuracy"],
                                    str(R / "hypergrad_accuracy"), "hypergradient ladder vs exact"),
-        "sanity": Step("sanity", "experiments.sanity", q + g["sanity"] + [f"out_dir={R}", "name=main"],
+        "sanity": Step("sanity", "experiments.sanity",
+                       q + g["sanity"] + ["threads=1", f"features.cache_dir={cache}", f"out_dir={R}", "name=main"],
                        str(R / "sanity" / "main"), "attribution estimators vs exact leave-one-out"),
-        "faithfulness": Step("faithfulness", "experiments.faithfulness", q + g["faithfulness"] + [f"out_dir={R}", "name=main"],
+        "faithfulness": Step("faithfulness", "experiments.faithfulness",
+                             q + g["faithfulness"] + ["threads=1", f"features.cache_dir={cache}", f"out_dir={R}",
+                                                      "name=main"],
                              str(R / "faithfulness" / "main"), "faithfulness: remove / keep top-K supporters"),
         "staged": Step("staged", "experiments.staged", q + g["staged"] + ["--out", str(R / "staged")],
                        str(R / "staged"), "staged training strategies"),
