@@ -435,3 +435,22 @@ def test_build_table_by_name_and_cli(main_runs, tmp_path, capsys):
     assert (tmp_path / "t" / "main_job.tex").is_file()
     assert main(["main_job", str(tmp_path / "missing"), "--out", str(tmp_path / "t")]) == 2
     assert "must name existing directories" in capsys.readouterr().err
+
+
+def test_runset_accessors_name_the_run_that_lacks_data(tmp_path):
+    root = tmp_path / "runs"
+    make_run(root / "bare", main_config(0), {"dataset": "digits"})  # no metrics, no weights, old summary
+    rs = load_runs(root)
+    with pytest.raises(RunDirError, match=r"bare has no metrics.jsonl rows"):
+        rs.metrics()
+    with pytest.raises(RunDirError, match=r"No per-class metrics \['ess_ratio', 'entropy'\] in the runs under"):
+        rs.metrics_per_class()
+    with pytest.raises(RunDirError, match=r"bare has no weights.pt"):
+        rs.weights()
+    with pytest.raises(RunDirError, match=r"bare has no weights.pt: per-class ESS needs the learned weights"):
+        per_class_ess_table(rs)
+    with pytest.raises(ConfigError, match=r"main_job_table must have columns \['uniform.test_acc'"):
+        main_job_table(rs)
+    make_run(root / "bare", main_config(0), {"dataset": "digits"}, [{"step": 0}])
+    with pytest.raises(RunDirError, match=r"bare: metrics.jsonl rows lack 'val_loss'"):
+        load_runs(root).metrics(require=["val_loss"])
