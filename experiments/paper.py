@@ -142,9 +142,15 @@ def _module_exists(module: str) -> bool:
         return False
 
 
+def _say(msg: str) -> None:
+    """One progress line (a single write, so lines of parallel steps do not interleave)."""
+    sys.stdout.write(msg + "\n")
+    sys.stdout.flush()
+
+
 def _run_one(st: Step, log_dir: Path, env: Dict[str, str], timeout: Optional[float]) -> None:
     """Run one step; records wall seconds and the child's CPU seconds (user + sys, from ``wait4``)."""
-    print(f"[paper] start {st.name}: {st.command()}", flush=True)
+    _say(f"[paper] start {st.name}: {st.command()}")
     t0 = time.perf_counter()
     rc, cpu = -1, float("nan")
     with open(log_dir / f"{st.name}.log", "w") as fh:
@@ -171,7 +177,7 @@ def _run_one(st: Step, log_dir: Path, env: Dict[str, str], timeout: Optional[flo
         tail = (log_dir / f"{st.name}.log").read_text(errors="replace").strip().splitlines()[-3:]
         st.status = "failed"
         st.message = f"exit code {rc}" + (" (timeout)" if rc == -1 else "") + ": " + " | ".join(tail)
-    print(f"[paper] {st.name}: {st.status} in {st.seconds:.0f}s (cpu {cpu:.0f}s) {st.message}", flush=True)
+    _say(f"[paper] {st.name}: {st.status} in {st.seconds:.0f}s (cpu {cpu:.0f}s) {st.message}")
 
 
 def run_steps(steps: Sequence[Step], log_dir: Path, timeout: Optional[float] = None, jobs: int = 2) -> None:
