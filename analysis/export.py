@@ -25,7 +25,16 @@ from typing import Any, Dict, List, Optional, Sequence
 from reweight.errors import ConfigError
 from reweight.runs import atomic_write_text
 
-__all__ = ["FLOAT_FORMAT", "Column", "Table", "escape_latex", "export_table", "format_cell", "to_latex", "to_markdown"]
+__all__ = [
+    "Column",
+    "FLOAT_FORMAT",
+    "Table",
+    "escape_latex",
+    "export_table",
+    "format_cell",
+    "to_latex",
+    "to_markdown",
+]
 
 FLOAT_FORMAT = "%.6g"
 """printf format of floats in every CSV (six significant digits: stable under last-bit noise)."""

@@ -38,8 +38,8 @@ from .loading import RunSet, check_columns
 
 __all__ = [
     "METHOD_ORDER",
-    "aggregate",
     "accuracy_pivot_table",
+    "aggregate",
     "hypergrad_accuracy_table",
     "main_job_table",
     "method_comparison_table",

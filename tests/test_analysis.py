@@ -454,3 +454,15 @@ def test_runset_accessors_name_the_run_that_lacks_data(tmp_path):
     make_run(root / "bare", main_config(0), {"dataset": "digits"}, [{"step": 0}])
     with pytest.raises(RunDirError, match=r"bare: metrics.jsonl rows lack 'val_loss'"):
         load_runs(root).metrics(require=["val_loss"])
+
+
+@pytest.mark.parametrize("name", ["analysis.loading", "analysis.tables", "analysis.export", "analysis.build",
+                                  "analysis.__main__", "paper_figs.style", "paper_figs.weight_hist",
+                                  "paper_figs.class_ess", "paper_figs.hypergrad_cost", "paper_figs.trajectories",
+                                  "experiments.paper"])
+def test_public_names_sorted_and_importable(name):
+    import importlib
+
+    m = importlib.import_module(name)
+    assert m.__all__ == sorted(m.__all__)
+    assert all(hasattr(m, n) for n in m.__all__)
