@@ -16,7 +16,7 @@ from reweight.backbones import (FreezeError, backbone_data_config, backbone_tran
                                 param_groups, resolve_selectors, set_trainable, trainable_names, unfreeze)
 from reweight.errors import ConfigError, DataError
 
-timm = pytest.importorskip("timm")
+import timm  # a hard dependency: a missing install must fail, not skip
 
 
 def _model(num_classes=10, in_chans=1, seed=0):

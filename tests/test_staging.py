@@ -14,7 +14,7 @@ from reweight.errors import ConfigError, RunDirError
 from reweight.staging import (StageConfig, StagedRunConfig, configure_stage, feature_drift, linear_cka, run_staged,
                               staged_data, weighted_ce)
 
-pytest.importorskip("timm")
+import timm  # noqa: F401  (a hard dependency: a missing install must fail, not skip)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 
