@@ -2,12 +2,12 @@
 
 One command::
 
-    .venv/bin/python -m experiments.paper --out paper_out            # default grid (MNIST-5k; < 60 min on 2 cores)
-    .venv/bin/python -m experiments.paper --out paper_out --quick    # quick grid (digits; < 5 min on 2 cores)
+    .venv/bin/python -m experiments.paper --out paper_out            # default grid (MNIST-5k; 24 min measured on 2 cores)
+    .venv/bin/python -m experiments.paper --out paper_out --quick    # quick grid (digits; 3-5 min measured on 2 cores)
     .venv/bin/python -m experiments.paper --out paper_out --quick --no-run   # rebuild tables/figures only
 
-Steps (each sub-experiment runs as its own process with its own ``--quick`` flag, so a crash in one
-does not stop the others, and its exact command is recorded):
+Steps (each sub-experiment runs as its own process with its own ``--quick`` flag, two at a time
+(``--jobs``), so a crash in one does not stop the others, and its exact command is recorded):
 
 1. ``main_job``: ``experiments.cli run`` for seeds 0, 1, 2 (uniform vs learned weights);
 2. ``noise_grid``: ``experiments.noise_grid`` (bilevel vs baselines under label noise / imbalance);
