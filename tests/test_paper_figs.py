@@ -9,7 +9,7 @@ import pytest
 
 from tests.test_analysis import make_main_run, make_run
 
-pytest.importorskip("matplotlib")
+import matplotlib  # noqa: F401  (a hard dependency: a missing install must fail, not skip)
 
 
 @pytest.fixture
