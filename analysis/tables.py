@@ -27,7 +27,7 @@ Per-class quantities (DESIGN section 2): :math:`\mathrm{ESS}_c = (\sum_{i\in c}\
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Sequence
 
 import numpy as np
 

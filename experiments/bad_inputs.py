@@ -57,7 +57,7 @@ def _problem(y_val):
 
 def _cases() -> List[Case]:
     from reweight.config import load_config
-    from reweight.data import check_splits, load_dataset, prepare_data, symmetric_noise
+    from reweight.data import check_splits, load_dataset, symmetric_noise
     from reweight.errors import ConfigError, DataError, NonFiniteError, RunDirError
     from reweight.head import HeadObjective, solve_head
     from reweight.hypergrad import make_method

@@ -126,7 +126,7 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     """Time the operations of one configuration in this process (see the module doc)."""
     import torch
 
-    from reweight.head import HeadHessian, HeadObjective, solve_head
+    from reweight.head import HeadHessian, HeadObjective
     from reweight.streaming import ChunkedFeatures, StreamingObjective, val_alpha_grad
 
     if spec.get("threads"):

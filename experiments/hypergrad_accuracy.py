@@ -27,9 +27,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import math
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple

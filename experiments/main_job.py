@@ -16,7 +16,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from reweight.bilevel import run_bilevel, weight_auroc
-from reweight.config import RunConfig, to_dict
+from reweight.config import RunConfig
 from reweight.features import FeatureSet, build_features
 from reweight.head import HeadObjective, accuracy, add_bias, mean_ce, solve_head
 from reweight.hypergrad import BilevelProblem, make_method

@@ -42,7 +42,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from reweight.config import DataConfig, RunConfig, _f, load_config, to_dict
+from reweight.config import RunConfig, _f, load_config
 from reweight.errors import CarrotError, ConfigError, NonFiniteError
 
 __all__ = ["SETTINGS", "GridRunConfig", "NoiseGridConfig", "aggregate", "main", "markdown", "paired", "run_grid"]

@@ -201,7 +201,6 @@ def _fields(name: str) -> List[str]:
 
 def summarize(per_seed):
     """Mean and std over seeds per (target, lam, method) -> DataFrame."""
-    import pandas as pd
 
     df = per_seed[per_seed["method"] != "exact_loo"]
     cols = ["spearman", "kendall", "pearson", "top10", "lds", "seconds"]

@@ -13,12 +13,11 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from paper_figs.style import DOUBLE_COL, apply_style, save_figure
+from paper_figs.style import DOUBLE_COL, apply_style, save_figure, run_dirs_figure_main
 
 __all__ = ["main", "plot_hypergrad_cost"]
 
@@ -73,14 +72,7 @@ def plot_hypergrad_cost(results, stem: str | Path) -> List[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m paper_figs.hypergrad_cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="hypergrad_accuracy run directories or folders containing them")
-    p.add_argument("--out", default="hypergrad_cost", help="output stem (default %(default)s)")
-    a = p.parse_args(argv)
-    for path in plot_hypergrad_cost(a.paths, a.out):
-        print(path)
-    return 0
+    return run_dirs_figure_main("hypergrad_cost", __doc__, plot_hypergrad_cost, "hypergrad_cost", paths_help='hypergrad_accuracy run directories or folders containing them', argv=argv)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,9 @@ gives byte-identical PDFs (PNGs are identical too for the same matplotlib/freety
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Callable, List, Optional, Sequence
 
-__all__ = ["DOUBLE_COL", "PALETTE", "SINGLE_COL", "apply_style", "save_figure"]
+__all__ = ["DOUBLE_COL", "PALETTE", "SINGLE_COL", "apply_style", "run_dirs_figure_main", "save_figure"]
 
 SINGLE_COL = 3.25
 """Width of one column in inches."""
@@ -105,3 +105,23 @@ def _atomic_savefig(fig: Any, path: Path, **kwargs: Any) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def run_dirs_figure_main(module: str, doc: Optional[str], plot: Callable[[Sequence[str], str], List[Path]],
+                         default_stem: str, paths_help: str = "run directories or folders containing them",
+                         argv: Optional[Sequence[str]] = None) -> int:
+    """The command line shared by figure scripts that read run directories and write one figure.
+
+    ``python -m paper_figs.<module> PATH [PATH ...] [--out STEM]`` calls ``plot(paths, stem)`` and
+    prints the files it wrote.
+    """
+    import argparse
+
+    p = argparse.ArgumentParser(prog=f"python -m paper_figs.{module}", description=doc,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("paths", nargs="+", help=paths_help)
+    p.add_argument("--out", default=default_stem, help="output stem (default %(default)s)")
+    a = p.parse_args(argv)
+    for path in plot(a.paths, a.out):
+        print(path)
+    return 0

@@ -13,12 +13,11 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from paper_figs.style import DOUBLE_COL, PALETTE, apply_style, save_figure
+from paper_figs.style import DOUBLE_COL, PALETTE, apply_style, save_figure, run_dirs_figure_main
 
 __all__ = ["PANELS", "main", "plot_trajectories"]
 
@@ -60,14 +59,7 @@ def plot_trajectories(runs, stem: str | Path, panels=PANELS) -> List[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m paper_figs.trajectories", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="run directories or folders containing them")
-    p.add_argument("--out", default="trajectories", help="output stem (default %(default)s)")
-    a = p.parse_args(argv)
-    for path in plot_trajectories(a.paths, a.out):
-        print(path)
-    return 0
+    return run_dirs_figure_main("trajectories", __doc__, plot_trajectories, "trajectories", argv=argv)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,11 @@ Usage::
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import List, Optional, Sequence
 
-from paper_figs.style import PALETTE, SINGLE_COL, apply_style, save_figure
+from paper_figs.style import PALETTE, SINGLE_COL, apply_style, save_figure, run_dirs_figure_main
 
 __all__ = ["main", "plot_weight_hist"]
 
@@ -74,14 +73,7 @@ def plot_weight_hist(runs, stem: str | Path, bins: int = 40) -> List[Path]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m paper_figs.weight_hist", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("paths", nargs="+", help="run directories or folders containing them")
-    p.add_argument("--out", default="weight_hist", help="output stem (default %(default)s)")
-    a = p.parse_args(argv)
-    for path in plot_weight_hist(a.paths, a.out):
-        print(path)
-    return 0
+    return run_dirs_figure_main("weight_hist", __doc__, plot_weight_hist, "weight_hist", argv=argv)
 
 
 if __name__ == "__main__":

@@ -57,7 +57,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -358,10 +357,4 @@ def make_baseline(name: str, options: Optional[Mapping[str, Any]] = None):
     Raises:
         ConfigError: for an unknown name (lists the registered ones) or option (lists the valid ones).
     """
-    cls = BASELINES.get(name)
-    options = dict(options or {})
-    valid = [f.name for f in dataclasses.fields(cls)]
-    unknown = [k for k in options if k not in valid]
-    if unknown:
-        raise ConfigError(f"Unknown option {unknown[0]!r} for baseline {name!r}. Valid options: {', '.join(valid)}.")
-    return cls(**options)
+    return BASELINES.create(name, options)

@@ -37,14 +37,14 @@ import logging
 import os
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .data import check_labels
 from .errors import ConfigError, DataError
-from .head import HeadHessian, HeadObjective
+from .head import HeadHessian
 from .hypergrad import BilevelProblem, HypergradMethod, ValAlphaGrad
 from .streaming import ChunkedFeatures, StreamingHessian
 

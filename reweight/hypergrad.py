@@ -47,7 +47,6 @@ References:
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from dataclasses import dataclass, field
@@ -525,15 +524,7 @@ def make_method(name: str, options: Optional[Mapping[str, Any]] = None) -> Hyper
     Raises:
         ConfigError: for an unknown name (lists the registered ones) or unknown option (lists valid ones).
     """
-    cls = HYPERGRAD.get(name)
-    options = dict(options or {})
-    if dataclasses.is_dataclass(cls):
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in options if k not in valid]
-        if unknown:
-            raise ConfigError(f"Unknown option {unknown[0]!r} for hypergradient method {name!r}. "
-                              f"Valid options: {', '.join(valid) or '(none)'}.")
-    return cls(**options)
+    return HYPERGRAD.create(name, options)
 
 
 def hypergradient(method: HypergradMethod, problem: BilevelProblem, s: torch.Tensor, W: torch.Tensor,

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Dict, Generic, Iterator, TypeVar
+import dataclasses
+from typing import Any, Callable, Dict, Generic, Iterator, Mapping, TypeVar
 
 from .errors import ConfigError
 
@@ -45,6 +46,23 @@ class Registry(Generic[T]):
             raise ConfigError(
                 f"Unknown {self.what} {name!r}. Registered: {', '.join(sorted(self._items))}."
             ) from None
+
+    def create(self, name: str, options: Mapping[str, Any] | None = None) -> Any:
+        """Instantiate the object registered under ``name`` with keyword ``options``.
+
+        Raises:
+            ConfigError: for an unknown name (lists the registered ones) or, for dataclasses, an
+                unknown option (lists the valid ones) -- before anything is constructed.
+        """
+        cls = self.get(name)
+        options = dict(options or {})
+        if dataclasses.is_dataclass(cls):
+            valid = [f.name for f in dataclasses.fields(cls)]
+            unknown = [k for k in options if k not in valid]
+            if unknown:
+                raise ConfigError(f"Unknown option {unknown[0]!r} for {self.what} {name!r}. "
+                                  f"Valid options: {', '.join(valid) or '(none)'}.")
+        return cls(**options)
 
     def names(self) -> list[str]:
         """Sorted list of registered names."""

@@ -169,7 +169,7 @@ def test_diverging_sgd_raises(noisy):
 def test_unknown_baseline_and_option():
     with pytest.raises(ConfigError, match="Registered: class_balanced, l2rw, mwn, uniform"):
         make_baseline("focal")
-    with pytest.raises(ConfigError, match="Unknown option 'steps' for baseline 'l2rw'. Valid options: epochs"):
+    with pytest.raises(ConfigError, match="Unknown option 'steps' for reweighting baseline 'l2rw'. Valid options: epochs"):
         make_baseline("l2rw", {"steps": 3})
 
 

@@ -7,7 +7,7 @@ from reweight.bilevel import run_bilevel, weight_auroc
 from reweight.config import RunConfig
 from reweight.errors import NonFiniteError
 from reweight.head import mean_ce, mean_ce_grad
-from reweight.hypergrad import ConjugateGradient, Exact, ValAlphaGrad
+from reweight.hypergrad import ConjugateGradient, Exact
 from reweight.runs import RunDir
 from tests.conftest import make_problem
 

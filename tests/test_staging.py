@@ -25,7 +25,7 @@ def _cfg(tmp_path, stages=None, **kw):
         "batch_size": 64, "outer": {"steps": 3}, "head": {"dtype": "float64"},
         "stages": stages or [
             {"name": "warmup", "trainable": ["all"], "lr": 2e-3, "epochs": 1},
-            {"name": "freeze", "trainable": ["head", "last:1"], "lr": 2e-3, "lr_mult": {"last:1": 0.2}, "epochs": 1,
+            {"name": "freeze", "trainable": ["head", "last:1"], "lr_mult": {"last:1": 0.2}, "epochs": 1,
              "optimizer": "sgd", "lr": 0.02},
             {"name": "focus", "trainable": ["head", "last:1"], "lr": 1e-3, "lr_mult": {"last:1": 0.2}, "epochs": 2,
              "loss": "reweighted", "recompute_every": 1, "head_l2": 1e-3},

@@ -250,17 +250,7 @@ def make_attribution(name: str, options: Optional[Dict[str, Any]] = None) -> Att
     Raises:
         ConfigError: for an unknown name (lists the registered ones) or an unknown option (lists the valid ones).
     """
-    import dataclasses
-
-    cls = ATTRIBUTION.get(name)
-    options = dict(options or {})
-    if dataclasses.is_dataclass(cls):
-        valid = [f.name for f in dataclasses.fields(cls)]
-        unknown = [k for k in options if k not in valid]
-        if unknown:
-            raise ConfigError(f"Unknown option {unknown[0]!r} for attribution method {name!r}. "
-                              f"Valid options: {', '.join(valid) or '(none)'}.")
-    return cls(**options)
+    return ATTRIBUTION.create(name, options)
 
 
 def target_gradients(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor, reduce: str) -> torch.Tensor:
