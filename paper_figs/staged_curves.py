@@ -112,7 +112,7 @@ def plot_staged_curves(study: str | Path, stem: str | Path, strategies: Optional
         ax.set_xlabel("epoch")
         ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
         ax.set_ylim(0, 1)
-        ax.set_xlim(0.5, ep[L - 1] + 0.7)
+        ax.set_xlim(0.5, max(ep[L - 1] + 0.7, 2.5))  # at least two epochs wide: integer ticks even for 1-epoch runs
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(names):]:
         ax.axis("off")
