@@ -46,7 +46,7 @@ from .data import check_labels
 from .errors import ConfigError, DataError
 from .head import HeadHessian
 from .hypergrad import BilevelProblem, HypergradMethod, ValAlphaGrad
-from .streaming import ChunkedFeatures, StreamingHessian
+from .streaming import ChunkedFeatures, ChunkedRows, StreamingHessian
 
 __all__ = [
     "DistributedHessian",
@@ -189,7 +189,7 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class DistributedObjective:
+class DistributedObjective(ChunkedRows):  # probs/residuals/sample_losses of the local rows
     r"""The inner objective :math:`F(W,\alpha)` with the samples sharded across ranks.
 
     Same interface as :class:`~reweight.head.HeadObjective`; ``n`` is the global sample count,
@@ -257,21 +257,6 @@ class DistributedObjective:
         a = self.local_alpha(alpha)
         if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
             raise DataError("alpha must be finite and >= 0.")
-
-    def probs(self, W: torch.Tensor) -> torch.Tensor:
-        """``(n_local, K)`` probabilities of this rank's rows."""
-        return torch.cat([torch.softmax(x @ W.T, dim=1) for _, _, x in self.X])
-
-    def residuals(self, W: torch.Tensor) -> torch.Tensor:
-        r"""Local :math:`G = P - Y`, ``(n_local, K)``."""
-        G = self.probs(W)
-        G[torch.arange(self.n_local, device=G.device), self.y] -= 1
-        return G
-
-    def sample_losses(self, W: torch.Tensor) -> torch.Tensor:
-        """Local per-sample losses ``(n_local,)``."""
-        return torch.cat([torch.nn.functional.cross_entropy(x @ W.T, self.y[lo:hi], reduction="none")
-                          for lo, hi, x in self.X])
 
     def loss(self, W: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         r""":math:`F(W,\alpha)` (all-reduced: the same on every rank)."""

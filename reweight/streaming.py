@@ -41,6 +41,7 @@ from .store import FeatureStore, check_chunk_rows
 
 __all__ = [
     "ChunkedFeatures",
+    "ChunkedRows",
     "StreamingHessian",
     "StreamingObjective",
     "alpha_grad_from_v",
@@ -143,7 +144,28 @@ class ChunkedFeatures:
                 raise DataError(f"training features contain NaN/Inf; first offending rows: {rows}.")
 
 
-class StreamingObjective:
+class ChunkedRows:
+    """Row-wise quantities of the head over chunked features ``self.X`` (yielding ``(lo, hi, x)``) and
+    labels ``self.y`` -- shared by :class:`StreamingObjective` and the distributed objective (whose
+    rows are the rank's local ones)."""
+
+    def probs(self, W: torch.Tensor) -> torch.Tensor:
+        """``(rows, K)`` softmax probabilities, chunk by chunk."""
+        return torch.cat([torch.softmax(x @ W.T, dim=1) for _, _, x in self.X])
+
+    def residuals(self, W: torch.Tensor) -> torch.Tensor:
+        r""":math:`G = P - Y`, ``(rows, K)``."""
+        G = self.probs(W)
+        G[torch.arange(G.shape[0], device=G.device), self.y] -= 1
+        return G
+
+    def sample_losses(self, W: torch.Tensor) -> torch.Tensor:
+        r""":math:`\ell_i`, ``(rows,)``."""
+        return torch.cat([torch.nn.functional.cross_entropy(x @ W.T, self.y[lo:hi], reduction="none")
+                          for lo, hi, x in self.X])
+
+
+class StreamingObjective(ChunkedRows):
     r"""The inner objective :math:`F(W,\alpha)` of :class:`~reweight.head.HeadObjective`, streamed.
 
     Same methods and results as the in-memory objective; ``X`` is a :class:`ChunkedFeatures`.
@@ -175,21 +197,6 @@ class StreamingObjective:
     n = property(lambda self: self.X.n)
     shape = property(lambda self: (self.K, self.X.shape[1]))
     check_alpha = HeadObjective.check_alpha
-
-    def probs(self, W: torch.Tensor) -> torch.Tensor:
-        """``(n, K)`` softmax probabilities."""
-        return torch.cat([torch.softmax(x @ W.T, dim=1) for _, _, x in self.X])
-
-    def residuals(self, W: torch.Tensor) -> torch.Tensor:
-        r""":math:`G = P - Y`, ``(n, K)``."""
-        G = self.probs(W)
-        G[torch.arange(self.n, device=G.device), self.y] -= 1
-        return G
-
-    def sample_losses(self, W: torch.Tensor) -> torch.Tensor:
-        r""":math:`\ell_i`, ``(n,)``."""
-        return torch.cat([torch.nn.functional.cross_entropy(x @ W.T, self.y[lo:hi], reduction="none")
-                          for lo, hi, x in self.X])
 
     def loss(self, W: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
         r""":math:`F(W,\alpha)`."""

@@ -14,6 +14,8 @@ from reweight.neighbors import (brute_force_knn, faiss_available, knn, preselect
                                 representer_scores)
 from reweight.store import write_store
 
+# faiss-cpu is optional for users but part of the [dev] extra, so CI runs these tests; the skip only
+# protects a user's own test run without it.
 needs_faiss = pytest.mark.skipif(not faiss_available(), reason="optional faiss-cpu not installed")
 
 
