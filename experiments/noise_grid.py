@@ -34,6 +34,7 @@ import dataclasses
 import json
 import logging
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass, field
@@ -310,8 +311,14 @@ def run_grid(grid: NoiseGridConfig, overwrite: bool = False, progress: bool = Tr
     from reweight.features import build_features
     from reweight.runs import atomic_write_text
 
+    from tqdm.auto import tqdm
+
     root = Path(grid.out_dir) / grid.name
     rows: List[Dict[str, Any]] = []
+    imbalanced = {s for s in grid.settings if _setting_config(grid, s, grid.seeds[0]).data.imbalance_factor > 1}
+    total = sum(1 for s in grid.settings for _ in grid.seeds for m in grid.methods
+                if m != "bilevel_cg_balanced" or s in imbalanced)
+    bar = tqdm(total=total, desc="noise grid", unit="run", disable=not progress or bool(os.environ.get("CI")))
     for setting in grid.settings:
         for seed in grid.seeds:
             cfg = _setting_config(grid, setting, seed)
@@ -322,10 +329,12 @@ def run_grid(grid: NoiseGridConfig, overwrite: bool = False, progress: bool = Tr
                 t0 = time.perf_counter()
                 summary = _run_one(grid, cfg, method, setting, fs, root, overwrite)
                 rows.append(summary)
+                bar.update(1)
                 if progress:
-                    print(f"{setting:7s} seed {seed} {method:20s} test {summary['test_acc']:.4f} "
-                          f"auroc {summary['auroc'] if summary['auroc'] is not None else float('nan'):.4f} "
-                          f"ess_min {summary['ess_ratio_min']:.3f} ({time.perf_counter() - t0:.1f}s)", flush=True)
+                    bar.write(f"{setting:7s} seed {seed} {method:20s} test {summary['test_acc']:.4f} "
+                              f"auroc {summary['auroc'] if summary['auroc'] is not None else float('nan'):.4f} "
+                              f"ess_min {summary['ess_ratio_min']:.3f} ({time.perf_counter() - t0:.1f}s)")
+    bar.close()
     cols = ["setting", "method", "seed", "dataset", "noise", "noise_rate", "imbalance_factor", "test_acc", "val_acc",
             "auroc", "ess_ratio_min", "seconds", "n_train", "corruption_rate", "warmup_best_val_acc"]
     per_run = pd.DataFrame(rows)[cols]

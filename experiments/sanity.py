@@ -241,12 +241,18 @@ def run_sanity(cfg: SanityConfig, overwrite: bool = False, progress: bool = Fals
     try:
         fs = None
         rows, score_rows = [], []
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=len(cfg.lams) * len(cfg.seeds), desc="sanity (lambda, seed)",
+                   disable=not progress or bool(os.environ.get("CI")))
         for lam in cfg.lams:
             pr, fs, splits = load_problem(cfg, lam, fs)
             for seed in cfg.seeds:
                 r, s = _one(cfg, pr, fs, splits, lam, seed, progress)
                 rows += r
                 score_rows += s
+                bar.update(1)
+        bar.close()
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
             run.fail(f"{type(e).__name__}: {e}")
