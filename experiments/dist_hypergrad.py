@@ -18,12 +18,14 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
 
+from reweight.errors import CarrotError
+from reweight.config import help_field as _f
 from reweight.config import load_config, to_dict
 from reweight.errors import ConfigError
 from reweight.seeding import torch_generator
@@ -33,8 +35,6 @@ __all__ = ["DistConfig", "build_local_problem", "main", "run", "synthetic_rows"]
 BLOCK = 4096  # synthetic rows are generated in blocks with their own seed stream
 
 
-def _f(default: Any, help: str) -> Any:
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)
@@ -192,8 +192,17 @@ def run(cfg: DistConfig) -> Optional[Dict[str, Any]]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    cfg = load_config(None, argv, cls=DistConfig)
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m experiments.dist_hypergrad", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("overrides", nargs="*", help="key=value overrides of DistConfig, e.g. n=20000 d=64 K=10 device=cuda")
+    args = p.parse_args(argv)
+    try:
+        cfg = load_config(None, args.overrides, cls=DistConfig)
+    except CarrotError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         out = run(cfg)
     finally:

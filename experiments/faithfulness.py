@@ -31,6 +31,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
+from reweight.config import help_field as _f
 from reweight.attribution import ATTRIBUTION, faithfulness, make_attribution
 from reweight.config import BackboneConfig, DataConfig, FeatureConfig, load_config
 from reweight.errors import ConfigError
@@ -43,10 +44,6 @@ __all__ = ["FaithfulnessConfig", "main", "run_faithfulness"]
 log = logging.getLogger(__name__)
 
 
-def _f(default: Any, help: str) -> Any:
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 @dataclass(frozen=True)

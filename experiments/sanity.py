@@ -43,6 +43,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from reweight.config import help_field as _f
 from reweight.attribution import (ATTRIBUTION, AttributionProblem, exact_loo, lds, make_attribution,
                                   random_subsets, subset_outputs)
 from reweight.config import BackboneConfig, DataConfig, FeatureConfig, load_config
@@ -57,11 +58,6 @@ __all__ = ["SanityConfig", "correlations", "load_problem", "main", "pick_queries
 log = logging.getLogger(__name__)
 
 
-def _f(default: Any, help: str) -> Any:
-    """A dataclass field with a default (copied if mutable) and a help text."""
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
 
 
 def _check(cond: bool, name: str, value: Any, expected: str) -> None:

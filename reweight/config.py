@@ -38,6 +38,7 @@ __all__ = [
     "apply_overrides",
     "config_hash",
     "from_dict",
+    "help_field",
     "load_config",
     "to_dict",
 ]
@@ -64,11 +65,17 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)
 
 
-def _f(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with a default and a help text."""
+def help_field(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with a default and a one-line help text (``metadata["help"]``).
+
+    Mutable defaults (dicts, lists) become a ``default_factory`` copy, so instances never share them.
+    """
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda d=default: type(d)(d), metadata={"help": help}, **kw)
     return field(default=default, metadata={"help": help}, **kw)
+
+
+_f = help_field  # short alias used by the config dataclasses below
 
 
 def _check(cond: bool, section: str, name: str, value: Any, expected: str) -> None:
