@@ -264,13 +264,17 @@ def build_artefacts(out: Path, quick: bool, steps: Sequence[Step]) -> List[Artef
             return s.message
         return None
 
-    def table(name: str, desc: str, step: str, build: Callable[[], Any], src: Path) -> None:
-        art = Artefact("table", name, desc, command=f"python -m analysis {name} {src} --out {T}")
+    def add(art: Artefact, step: str, go: Callable[[], None]) -> None:
+        """Build ``art`` with ``go`` (errors recorded by ``_guard``), or record it as skipped when ``step`` is."""
         why = missing_step(step)
         if why:
             art.status, art.message = "skipped", why
             arts.append(art)
-            return
+        else:
+            arts.append(_guard(art, go))
+
+    def table(name: str, desc: str, step: str, build: Callable[[], Any], src: Path) -> None:
+        art = Artefact("table", name, desc, command=f"python -m analysis {name} {src} --out {T}")
 
         def go() -> None:
             t = build()
@@ -279,21 +283,16 @@ def build_artefacts(out: Path, quick: bool, steps: Sequence[Step]) -> List[Artef
                     "generated_by": art.command}
             art.files = [str(p) for p in export_table(t, T, provenance=prov)]
 
-        arts.append(_guard(art, go))
+        add(art, step, go)
 
     def figure(name: str, desc: str, step: str, draw: Callable[[Path], Any], cmd: str) -> None:
         art = Artefact("figure", name, desc, command=cmd)
-        why = missing_step(step)
-        if why:
-            art.status, art.message = "skipped", why
-            arts.append(art)
-            return
 
         def go() -> None:
             paths = draw(F / name)
             art.files = [str(p) for p in (paths or [])]
 
-        arts.append(_guard(art, go))
+        add(art, step, go)
 
     main_dir, grid_dir = R / "main", R / "noise_grid"
     hg_dir, sanity_dir, faith_dir, staged_dir = R / "hypergrad_accuracy", R / "sanity", R / "faithfulness" / "main", R / "staged"
