@@ -45,10 +45,10 @@ def main(argv=None) -> int:
     for step in range(cfg.outer.steps):
         alpha = problem.weights.alpha(s.detach())
         t0 = time.perf_counter()
-        cold = solve_head(problem.inner, alpha, tol=cfg.head.tol, max_iter=cfg.head.max_iter)
+        cold = solve_head(problem.inner, alpha, grad_tol=cfg.head.tol, max_iter=cfg.head.max_iter)
         t_cold = time.perf_counter() - t0
         t0 = time.perf_counter()
-        warm = solve_head(problem.inner, alpha, W0=W_prev, tol=cfg.head.tol, max_iter=cfg.head.max_iter)
+        warm = solve_head(problem.inner, alpha, W0=W_prev, grad_tol=cfg.head.tol, max_iter=cfg.head.max_iter)
         t_warm = time.perf_counter() - t0
         rows.append({"step": step, "cold_iters": cold.iters, "warm_iters": warm.iters, "cold_hvps": cold.hvps,
                      "warm_hvps": warm.hvps, "cold_seconds": t_cold, "warm_seconds": t_warm,

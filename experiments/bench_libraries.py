@@ -68,10 +68,10 @@ def exact_loo_deltas(inner, W, alpha, Xv, yv, subset: torch.Tensor) -> np.ndarra
         for i in subset.tolist():
             a = alpha.clone()
             a[i] = 0.0
-            out.append(float(mean_ce(solve_head(inner, a, W0=W, tol=1e-10).W, Xv, yv)) - base)
+            out.append(float(mean_ce(solve_head(inner, a, W0=W, grad_tol=1e-10).W, Xv, yv)) - base)
         return np.asarray(out)
     prob = AttributionProblem(inner=inner, alpha=alpha, W=W)
-    return exact_loo(prob, subset, X_val=Xv, y_val=yv, tol=1e-10).delta_val.numpy()
+    return exact_loo(prob, subset, X_val=Xv, y_val=yv, grad_tol=1e-10).delta_val.numpy()
 
 
 def _median_time(f, repeats):
@@ -145,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     inner, Xv, yv, lam = problem.inner, problem.X_val, problem.y_val, rc.head.lam
     n, D = inner.X.shape
     alpha = torch.ones(n, dtype=torch.float64)
-    W = solve_head(inner, alpha, tol=1e-11).W
+    W = solve_head(inner, alpha, grad_tol=1e-11).W
     threads = auto_threads(4.0 * n * D * inner.K)  # one HVP's FLOPs; every method runs with this count
     torch.set_num_threads(threads)
     subset = torch.as_tensor(np.sort(numpy_rng(cfg.seed, "loo_subset").choice(n, size=min(n, cfg.loo_samples),
@@ -157,7 +157,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     methods: Dict[str, Any] = {
         "carrot_dense": lambda: influence_on_val_loss(inner, Xv, yv, W, alpha, method="dense")[0],
-        "carrot_cg": lambda: influence_on_val_loss(inner, Xv, yv, W, alpha, method="cg", tol=1e-8)[0],
+        "carrot_cg": lambda: influence_on_val_loss(inner, Xv, yv, W, alpha, method="cg", rtol=1e-8)[0],
     }
     skipped = {}
     try:

@@ -65,7 +65,7 @@ def run_bench(cfg: BenchConfig, out: Path, overwrite: bool = False) -> Dict[str,
                            "full_fit_seconds": t_fit, "load_average_start": list(os.getloadavg()), "loo": {}}
     loo = {}
     for ws in ("newton_step", "optimum", "none"):
-        r = exact_loo(pr, subset, sp["X_val"], sp["y_val"], tol=cfg.tol, warm_start=ws)
+        r = exact_loo(pr, subset, sp["X_val"], sp["y_val"], grad_tol=cfg.tol, warm_start=ws)
         loo[ws] = r
         res["loo"][ws] = {"median_ms_per_sample": float(r.seconds.median()) * 1e3,
                           "mean_ms_per_sample": float(r.seconds.mean()) * 1e3,

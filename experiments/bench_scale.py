@@ -151,7 +151,7 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     row: Dict[str, Any] = {"source": spec["source"], "sweep": spec["sweep"], "n": n, "d": D - 1, "K": K,
                            "threads": torch.get_num_threads(), "setup_s": time.perf_counter() - t0}
     obj = HeadObjective(X, y, K, lam)
-    H = HeadHessian(X, obj.probs(W), alpha, lam)
+    H = HeadHessian.from_tensors(X, obj.probs(W), alpha, lam)
     U = torch.randn(K, D, generator=torch.Generator().manual_seed(1))
     flops = 4.0 * n * D * K
     Z = X @ U.T
@@ -178,7 +178,7 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         rec("grad", _median_time(lambda: obj.grad(W, alpha), reps), flops)
     if "cg" in ops:
         t = time.perf_counter()
-        vag = val_alpha_grad(obj, Xv, yv, W, alpha, method="cg", tol=float(spec["cg_tol"]), max_iter=500)
+        vag = val_alpha_grad(obj, Xv, yv, W, alpha, method="cg", rtol=float(spec["cg_tol"]), max_iter=500)
         sec = time.perf_counter() - t
         # useful work: the HVPs, softmax(X W^T) for the Hessian (2nDK) and X V^T for dL/dalpha (2nDK)
         rec("cg", sec, (vag.hvps + 1) * flops, hvps=vag.hvps, rel_residual=vag.rel_residual)
@@ -191,18 +191,18 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         else:
             X64, Xv64 = X.double(), Xv.double()
             t = time.perf_counter()
-            prob = AttributionProblem.from_data(X64, y, K, lam, alpha=alpha.double(), tol=1e-10)
+            prob = AttributionProblem.from_data(X64, y, K, lam, alpha=alpha.double(), grad_tol=1e-10)
             row["attr_fit_head_s"] = time.perf_counter() - t
             if "influence" in attr:
                 t = time.perf_counter()
-                m = InfluenceCG(tol=1e-8)
+                m = InfluenceCG(rtol=1e-8)
                 m.fit(prob)
                 m.scores(Xv64, yv, reduce="mean")
                 rec("influence", time.perf_counter() - t, None)
             if "loo" in attr:
                 sub = torch.arange(min(n, 16))
                 t = time.perf_counter()
-                exact_loo(prob, sub, X_val=Xv64, y_val=yv, tol=1e-9)
+                exact_loo(prob, sub, X_val=Xv64, y_val=yv, grad_tol=1e-9)
                 rec("loo_per_sample", (time.perf_counter() - t) / len(sub), None)
             if "trak" in attr:
                 t = time.perf_counter()
@@ -260,7 +260,7 @@ def _measure_store(spec: Dict[str, Any], t0: float) -> Dict[str, Any]:
     t = _median_time(lambda: H.matvec(U), reps)
     row.update(hvp_store_s=t, hvp_store_eff=t_mm / t)
     t = time.perf_counter()
-    vag = val_alpha_grad(obj, Xv, yv, W, alpha, method="cg", tol=float(spec["cg_tol"]), max_iter=500)
+    vag = val_alpha_grad(obj, Xv, yv, W, alpha, method="cg", rtol=float(spec["cg_tol"]), max_iter=500)
     sec = time.perf_counter() - t
     row.update(cg_store_s=sec, cg_store_hvps=vag.hvps, cg_store_rel_residual=vag.rel_residual,
                cg_store_eff=(vag.hvps + 1) * flops / sec / (flops / t_mm))
@@ -307,7 +307,7 @@ def _measure_knn(spec: Dict[str, Any], t0: float) -> Dict[str, Any]:
     sub = 20_000 if n > 20_000 else n  # the head is fitted on a subset to keep the benchmark short
     Xb = add_bias(X[:sub].double())
     lam = 1e-2
-    W = solve_head(HeadObjective(Xb, y[:sub], K, lam), torch.ones(sub, dtype=torch.float64), tol=1e-8).W
+    W = solve_head(HeadObjective(Xb, y[:sub], K, lam), torch.ones(sub, dtype=torch.float64), grad_tol=1e-8).W
     Qb = add_bias(Q.double())
     cls = (Qb @ W.T).argmax(1)
     ones = torch.ones(sub, dtype=torch.float64)

@@ -152,7 +152,7 @@ class _RowRange:
 
 def run(cfg: DistConfig) -> Optional[Dict[str, Any]]:
     """Run on this rank; rank 0 returns (and writes) the summary, other ranks return None."""
-    from reweight.distributed import GatheredMethod, check_same_config, init_distributed
+    from reweight.distributed import check_same_config, init_distributed
     from reweight.head import solve_head
     from reweight.hypergrad import BilevelProblem, ConjugateGradient, hypergradient
 
@@ -166,11 +166,11 @@ def run(cfg: DistConfig) -> Optional[Dict[str, Any]]:
     t_build = time.perf_counter() - t0
     alpha = wm.alpha(s).detach()
     t0 = time.perf_counter()
-    sol = solve_head(obj, alpha, tol=cfg.inner_tol, max_iter=100)
+    sol = solve_head(obj, alpha, grad_tol=cfg.inner_tol, max_iter=100)
     t_inner = time.perf_counter() - t0
     problem = BilevelProblem(obj, Xv, yv, wm)
     t0 = time.perf_counter()
-    hg = hypergradient(GatheredMethod(ConjugateGradient(tol=cfg.tol, max_iter=2000), obj), problem, s, sol.W)
+    hg = hypergradient(ConjugateGradient(rtol=cfg.tol, max_iter=2000), problem, s, sol.W)
     t_hyper = time.perf_counter() - t0
     if rank != 0:
         return None

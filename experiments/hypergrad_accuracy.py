@@ -111,11 +111,11 @@ def _dataset_rows(cfg: HypergradAccuracyConfig, dataset: str, progress: bool) ->
     rc = dataclasses.replace(cfg.base, seed=cfg.seed, data=dataclasses.replace(cfg.base.data, dataset=dataset))
     fs = build_features(rc.data, rc.backbone, rc.features, rc.seed)
     problem, _ = build_problem(rc, fs)
-    out = run_bilevel(problem, make_method("cg", {"tol": 1e-8}), cfg.warm_steps, rc.outer.lr, tol=cfg.inner_tol,
+    out = run_bilevel(problem, make_method("cg", {"rtol": 1e-8}), cfg.warm_steps, rc.outer.lr, grad_tol=cfg.inner_tol,
                       max_iter=200)
     s = out.s
     alpha = problem.weights.alpha(s)
-    sol = solve_head(problem.inner, alpha, W0=out.W, tol=cfg.inner_tol, max_iter=200)
+    sol = solve_head(problem.inner, alpha, W0=out.W, grad_tol=cfg.inner_tol, max_iter=200)
     W = sol.W
     exact_name = "exact"
     exact = hypergradient(make_method(exact_name), problem, s, W, name=exact_name)

@@ -111,7 +111,7 @@ def load_problem(cfg: SanityConfig, lam: float, fs: Optional[FeatureSet] = None
     X = add_bias(fs.X_train.to(torch.float64))
     splits = {"X_val": add_bias(fs.X_val.to(torch.float64)), "y_val": fs.y_val,
               "X_test": add_bias(fs.X_test.to(torch.float64)), "y_test": fs.y_test}
-    pr = AttributionProblem.from_data(X, fs.y_train, fs.num_classes, lam, tol=cfg.loo_tol)
+    pr = AttributionProblem.from_data(X, fs.y_train, fs.num_classes, lam, grad_tol=cfg.loo_tol)
     return pr, fs, splits
 
 
@@ -148,9 +148,9 @@ def _one(cfg: SanityConfig, pr: AttributionProblem, fs: FeatureSet, splits: Dict
     q = pick_queries(splits["X_test"].shape[0], cfg.n_queries, seed)
     Xq, yq = splits["X_test"][q], splits["y_test"][q]
     Xv, yv = splits["X_val"], splits["y_val"]
-    loo = exact_loo(pr, subset, Xv, yv, Xq, yq, tol=cfg.loo_tol, progress=progress)
+    loo = exact_loo(pr, subset, Xv, yv, Xq, yq, grad_tol=cfg.loo_tol, progress=progress)
     masks = random_subsets(n, cfg.lds_subsets, 0.5, seed=seed)
-    outs = subset_outputs(pr, masks, Xv, yv, Xq, yq, tol=1e-8)
+    outs = subset_outputs(pr, masks, Xv, yv, Xq, yq, grad_tol=1e-8)
     base = {"lam": lam, "seed": seed, "n_train": n, "m": int(subset.numel()), "n_queries": int(q.numel()),
             "corrupted_in_subset": int(fs.corrupted[subset].sum()), "val_acc": float(((Xv @ pr.W.T).argmax(1) == yv).double().mean())}
     rows: List[Dict[str, Any]] = [{**base, "method": "exact_loo", "target": "val", "seconds": loo.total_seconds,

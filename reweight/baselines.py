@@ -64,12 +64,13 @@ from typing import Any, Dict, List, Mapping, Optional
 
 import torch
 
-from .errors import ConfigError, NonFiniteError
-from .head import mean_ce, mean_ce_grad, solve_head
+from .errors import NonFiniteError
+from .head import batch_grad, mean_ce, mean_ce_grad, solve_head
 from .hypergrad import BilevelProblem
-from .persample import per_sample_inner_products, residuals
+from .persample import per_sample_inner_products
 from .registry import Registry
 from .seeding import torch_generator
+from .validate import check_int, check_number, renamed_field
 
 __all__ = [
     "BASELINES",
@@ -115,16 +116,14 @@ def _sum_to_n(w: torch.Tensor) -> torch.Tensor:
     return w * (w.numel() / total)
 
 
-def _final_head(problem: BilevelProblem, alpha: torch.Tensor, tol: float, max_iter: int) -> torch.Tensor:
-    return solve_head(problem.inner, alpha, tol=tol, max_iter=max_iter).W
+def _final_head(problem: BilevelProblem, alpha: torch.Tensor, grad_tol: float, max_iter: int) -> torch.Tensor:
+    return solve_head(problem.inner, alpha, grad_tol=grad_tol, max_iter=max_iter).W
 
 
-def _check_pos(value: Any, name: str, where: str, integer: bool = False, allow_zero: bool = False) -> None:
-    ok_type = isinstance(value, int) if integer else isinstance(value, (int, float))
-    if isinstance(value, bool) or not ok_type or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
-        kind = "an int" if integer else "a finite number"
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"The '{name}' parameter of {where} must be {kind} {bound}. Got {value!r} instead.")
+def _head_options(obj: Any, where: str) -> None:
+    renamed_field(obj, "head_tol", "head_grad_tol", where)
+    check_number(obj.head_grad_tol, "head_grad_tol", where, low=0.0, low_open=True)
+    check_int(obj.head_max_iter, "head_max_iter", where, minimum=1)
 
 
 def class_balanced_weights(labels: torch.Tensor, num_classes: int, beta: float = 0.999) -> torch.Tensor:
@@ -145,8 +144,7 @@ def class_balanced_weights(labels: torch.Tensor, num_classes: int, beta: float =
     Raises:
         ConfigError: for ``beta`` outside ``[0, 1)``.
     """
-    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < 1:
-        raise ConfigError(f"The 'beta' parameter of class_balanced_weights must be in [0, 1). Got {beta!r} instead.")
+    check_number(beta, "beta", "class_balanced_weights", low=0.0, high=1.0, high_open=True)
     labels = torch.as_tensor(labels)
     counts = torch.bincount(labels, minlength=num_classes).to(torch.float64)
     eff = torch.where(counts > 0, (1 - beta ** counts) / (1 - beta), torch.ones_like(counts))
@@ -159,14 +157,18 @@ def class_balanced_weights(labels: torch.Tensor, num_classes: int, beta: float =
 class Uniform:
     """Uniform weights :math:`\\alpha_i = 1` and the exact L2 head (the no-reweighting reference)."""
 
-    head_tol: float = 1e-5
+    head_grad_tol: float = 1e-5
     head_max_iter: int = 100
+    head_tol: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _head_options(self, "uniform")
 
     def fit(self, problem: BilevelProblem, seed: int = 0) -> BaselineResult:
         t0 = time.perf_counter()
         X = problem.inner.X
         alpha = torch.ones(problem.inner.n, dtype=X.dtype, device=X.device)
-        W = _final_head(problem, alpha, self.head_tol, self.head_max_iter)
+        W = _final_head(problem, alpha, self.head_grad_tol, self.head_max_iter)
         return BaselineResult("uniform", alpha, W, seconds=time.perf_counter() - t0)
 
 
@@ -180,18 +182,19 @@ class ClassBalanced:
     """
 
     beta: float = 0.999
-    head_tol: float = 1e-5
+    head_grad_tol: float = 1e-5
     head_max_iter: int = 100
+    head_tol: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not 0 <= self.beta < 1:
-            raise ConfigError(f"The 'beta' parameter of class_balanced must be in [0, 1). Got {self.beta!r} instead.")
+        _head_options(self, "class_balanced")
+        check_number(self.beta, "beta", "class_balanced", low=0.0, high=1.0, high_open=True)
 
     def fit(self, problem: BilevelProblem, seed: int = 0) -> BaselineResult:
         t0 = time.perf_counter()
         X = problem.inner.X
         alpha = class_balanced_weights(problem.inner.y.cpu(), problem.inner.K, self.beta).to(X.device, X.dtype)
-        W = _final_head(problem, alpha, self.head_tol, self.head_max_iter)
+        W = _final_head(problem, alpha, self.head_grad_tol, self.head_max_iter)
         return BaselineResult("class_balanced", alpha, W, seconds=time.perf_counter() - t0)
 
 
@@ -201,15 +204,16 @@ class _SGDSchedule:
     batch_size: int = 100
     lr: float = 0.01
     momentum: float = 0.9
-    head_tol: float = 1e-5
+    head_grad_tol: float = 1e-5
     head_max_iter: int = 100
+    head_tol: Optional[float] = None
 
     def _validate(self, where: str) -> None:
-        _check_pos(self.epochs, "epochs", where, integer=True)
-        _check_pos(self.batch_size, "batch_size", where, integer=True)
-        _check_pos(self.lr, "lr", where)
-        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
-            raise ConfigError(f"The 'momentum' parameter of {where} must be in [0, 1). Got {self.momentum!r} instead.")
+        _head_options(self, where)
+        check_int(self.epochs, "epochs", where, minimum=1)
+        check_int(self.batch_size, "batch_size", where, minimum=1)
+        check_number(self.lr, "lr", where, low=0.0, low_open=True)
+        check_number(self.momentum, "momentum", where, low=0.0, high=1.0, high_open=True)
 
 
 def _epoch_log(problem: BilevelProblem, W: torch.Tensor, epoch: int, train_loss: float) -> Dict[str, float]:
@@ -230,7 +234,8 @@ class LearningToReweight(_SGDSchedule):
         batch_size: mini-batch size.
         lr: SGD step :math:`\\eta` of the head (also the look-ahead step).
         momentum: SGD momentum.
-        head_tol, head_max_iter: solver settings of the final exact L2 head.
+        head_grad_tol, head_max_iter: solver settings of the final exact L2 head (``head_tol`` is the
+            deprecated name of ``head_grad_tol``).
     """
 
     def __post_init__(self) -> None:
@@ -260,15 +265,14 @@ class LearningToReweight(_SGDSchedule):
                     w = w / s
                 else:
                     zero_batches += 1
-                G = residuals(W, Xb, yb)
-                grad = (w[:, None] * G).T @ Xb + lam * W
+                grad = batch_grad(W, Xb, yb, w, lam, 1.0)  # the normalised batch weights sum to 1
                 buf = self.momentum * buf + grad
                 W = W - self.lr * buf
                 wsum[idx] += w * idx.numel()
                 total += float(torch.nn.functional.cross_entropy(Xb @ W.T, yb, reduction="sum"))
             history.append(_epoch_log(problem, W, epoch, total / n))
         alpha = _sum_to_n(wsum / self.epochs)
-        W_final = _final_head(problem, alpha, self.head_tol, self.head_max_iter)
+        W_final = _final_head(problem, alpha, self.head_grad_tol, self.head_max_iter)
         return BaselineResult("l2rw", alpha, W_final, W_sgd=W, seconds=time.perf_counter() - t0, history=history,
                               extra={"zero_weight_batches": zero_batches,
                                      "steps": self.epochs * math.ceil(n / self.batch_size)})
@@ -296,7 +300,8 @@ class MetaWeightNet(_SGDSchedule):
         hidden: hidden units of the weight net (100 in the paper).
         meta_lr: Adam learning rate of the weight net (1e-3 as in the paper's code).
         meta_weight_decay: Adam weight decay of the weight net (1e-4 as in the paper's code).
-        head_tol, head_max_iter: solver settings of the final exact L2 head.
+        head_grad_tol, head_max_iter: solver settings of the final exact L2 head (``head_tol`` is the
+            deprecated name of ``head_grad_tol``).
     """
 
     hidden: int = 100
@@ -305,9 +310,9 @@ class MetaWeightNet(_SGDSchedule):
 
     def __post_init__(self) -> None:
         self._validate("mwn")
-        _check_pos(self.hidden, "hidden", "mwn", integer=True)
-        _check_pos(self.meta_lr, "meta_lr", "mwn")
-        _check_pos(self.meta_weight_decay, "meta_weight_decay", "mwn", allow_zero=True)
+        check_int(self.hidden, "hidden", "mwn", minimum=1)
+        check_number(self.meta_lr, "meta_lr", "mwn", low=0.0, low_open=True)
+        check_number(self.meta_weight_decay, "meta_weight_decay", "mwn", low=0.0)
 
     def fit(self, problem: BilevelProblem, seed: int = 0) -> BaselineResult:
         t0 = time.perf_counter()
@@ -329,24 +334,23 @@ class MetaWeightNet(_SGDSchedule):
                 Xb, yb = X[idx], y[idx]
                 B = idx.numel()
                 losses = torch.nn.functional.cross_entropy(Xb @ W.T, yb, reduction="none")
-                G = residuals(W, Xb, yb)
                 with torch.enable_grad():
                     v = net(losses)
-                    W_hat = W - self.lr * ((v[:, None] * G).T @ Xb / B + lam * W)
+                    W_hat = W - self.lr * batch_grad(W, Xb, yb, v, lam, B)
                     meta_loss = mean_ce(W_hat, problem.X_val, problem.y_val)
                     meta_opt.zero_grad(set_to_none=True)
                     meta_loss.backward()
                 meta_opt.step()
                 with torch.no_grad():
                     v = net(losses)
-                grad = (v[:, None] * G).T @ Xb / B + lam * W
+                grad = batch_grad(W, Xb, yb, v, lam, B)
                 buf = self.momentum * buf + grad
                 W = W - self.lr * buf
                 total += float(losses.sum())
             history.append(_epoch_log(problem, W, epoch, total / n))
         with torch.no_grad():
             alpha = _sum_to_n(net(inner.sample_losses(W)))
-        W_final = _final_head(problem, alpha, self.head_tol, self.head_max_iter)
+        W_final = _final_head(problem, alpha, self.head_grad_tol, self.head_max_iter)
         return BaselineResult("mwn", alpha.detach(), W_final, W_sgd=W, seconds=time.perf_counter() - t0,
                               history=history, extra={"steps": self.epochs * math.ceil(n / self.batch_size)})
 

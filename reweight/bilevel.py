@@ -27,6 +27,7 @@ from .errors import NonFiniteError
 from .head import HeadSolution, accuracy, solve_head
 from .hypergrad import BilevelProblem, HypergradMethod, hypergradient
 from .runs import RunDir
+from .validate import renamed_option
 from .weights import entropy_per_class, ess_per_class, initial_s
 
 __all__ = ["BilevelOutcome", "run_bilevel", "weight_auroc"]
@@ -90,18 +91,20 @@ def _row(step: int, problem: BilevelProblem, alpha: torch.Tensor, sol: HeadSolut
     return row
 
 
-def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr: float, *, tol: float = 1e-6,
-                max_iter: int = 100, checkpoint_every: int = 5, run: Optional[RunDir] = None,
+def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr: float, *,
+                grad_tol: Optional[float] = None, max_iter: int = 100, checkpoint_every: int = 5, run: Optional[RunDir] = None,
                 evals: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
                 corrupted: Optional[torch.Tensor] = None, method_name: str = "", progress: bool = False,
-                on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]] = None) -> BilevelOutcome:
+                on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]] = None,
+                tol: Optional[float] = None) -> BilevelOutcome:
     """Run (or resume) the outer loop for ``steps`` Adam steps of size ``lr`` on ``s``.
 
     Args:
         problem: the bilevel problem.
         method: a hypergradient method (see :data:`reweight.hypergrad.HYPERGRAD`).
         steps, lr: outer budget and Adam learning rate.
-        tol, max_iter: inner solver tolerance (gradient norm) and iteration cap.
+        grad_tol, max_iter: inner solver tolerance (gradient norm, default 1e-6; ``tol`` is its
+            deprecated name) and iteration cap.
         checkpoint_every: checkpoint interval in outer steps (with ``run``).
         run: run directory for metrics and checkpoints (resumes from its newest valid checkpoint).
         evals: named ``(X, y)`` sets whose accuracy is logged each step (e.g. ``val``, ``test``).
@@ -114,8 +117,9 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
     """
     from tqdm.auto import tqdm
 
+    tol = renamed_option(grad_tol, tol, "tol", "grad_tol", "run_bilevel", 1e-6)
     evals = evals or {}
-    dtype, device = problem.inner.X.dtype, problem.inner.X.device
+    dtype, device = problem.inner.rows.dtype, problem.inner.rows.device
     s = initial_s(problem.inner.n, dtype).to(device).requires_grad_(True)
     opt = torch.optim.Adam([s], lr=lr)
     W: Optional[torch.Tensor] = None
@@ -143,7 +147,7 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
     for step in tqdm(range(start, steps), desc="outer", disable=not progress, initial=start, total=steps):
         alpha = problem.weights.alpha(s.detach())
         t0 = time.perf_counter()
-        sol = solve_head(problem.inner, alpha, W0=W, tol=tol, max_iter=max_iter)
+        sol = solve_head(problem.inner, alpha, W0=W, grad_tol=tol, max_iter=max_iter)
         t_inner = time.perf_counter() - t0
         try:
             hg = hypergradient(method, problem, s.detach(), sol.W, v0=v, name=method_name)
@@ -170,6 +174,6 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
             checkpoint(step + 1)
 
     alpha = problem.weights.alpha(s.detach())
-    final = solve_head(problem.inner, alpha, W0=W, tol=tol, max_iter=max_iter)
+    final = solve_head(problem.inner, alpha, W0=W, grad_tol=tol, max_iter=max_iter)
     return BilevelOutcome(s=s.detach(), alpha=alpha.detach(), W=final.W, metrics=metrics, resumed_from=resumed,
                           final_solution=final)

@@ -21,6 +21,7 @@ import torch
 
 from .errors import DataError
 from .seeding import numpy_rng
+from .validate import check_features, check_labels, check_splits  # re-exported: their home is reweight.validate
 
 __all__ = [
     "Corruption",
@@ -107,72 +108,6 @@ def load_dataset(name: str) -> Dataset:
         raise DataError(f"Unknown dataset {name!r}. Valid: digits, mnist5k.")
     labels = np.asarray(y, dtype=np.int64)
     return Dataset(name=name, images=np.ascontiguousarray(images), labels=labels, num_classes=int(labels.max()) + 1)
-
-
-# ----------------------------------------------------------------------------------------------
-# validation
-# ----------------------------------------------------------------------------------------------
-
-
-def check_features(x: torch.Tensor | np.ndarray, name: str = "features", dim: Optional[int] = None) -> None:
-    """Raise :class:`DataError` unless ``x`` is a finite floating 2-D array (of width ``dim``).
-
-    The message names the first offending row indices for NaN/Inf.
-    """
-    t = torch.as_tensor(x)
-    if t.ndim != 2:
-        raise DataError(f"Expected {name} of shape (n, d), but got shape {tuple(t.shape)}.")
-    if not t.is_floating_point():
-        raise DataError(f"Expected floating-point {name}, but got dtype {t.dtype}.")
-    if dim is not None and t.shape[1] != dim:
-        raise DataError(f"Expected {name} with {dim} columns (feature dimension), but got {t.shape[1]}.")
-    if t.shape[0] == 0:
-        raise DataError(f"Expected at least one row in {name}, but got none.")
-    bad = ~torch.isfinite(t).all(dim=1)
-    if bool(bad.any()):
-        rows = torch.nonzero(bad).flatten()[:10].tolist()
-        raise DataError(f"{name} contain NaN/Inf in {int(bad.sum())} row(s); first offending rows: {rows}.")
-
-
-def check_labels(y: torch.Tensor | np.ndarray, num_classes: int, name: str = "labels",
-                 n: Optional[int] = None, require_all_classes: bool = True) -> None:
-    """Raise :class:`DataError` unless ``y`` is a 1-D integer array in ``0..num_classes-1``.
-
-    With ``n`` the length must match; with ``require_all_classes`` every class must be present.
-    """
-    t = torch.as_tensor(y)
-    if t.ndim != 1:
-        raise DataError(f"Expected {name} of shape (n,), but got shape {tuple(t.shape)}.")
-    if t.is_floating_point() or t.dtype == torch.bool:
-        raise DataError(f"Expected integer {name}, but got dtype {t.dtype}.")
-    if n is not None and t.shape[0] != n:
-        raise DataError(f"Length mismatch: {n} feature rows but {t.shape[0]} {name}.")
-    if t.numel() and (int(t.min()) < 0 or int(t.max()) >= num_classes):
-        bad = torch.nonzero((t < 0) | (t >= num_classes)).flatten()[:10].tolist()
-        raise DataError(
-            f"{name} must lie in 0..{num_classes - 1}; out of range at indices {bad} "
-            f"(values {t[bad].tolist()})."
-        )
-    if require_all_classes:
-        counts = torch.bincount(t, minlength=num_classes)
-        missing = torch.nonzero(counts == 0).flatten().tolist()
-        if missing:
-            raise DataError(f"Class(es) {missing} have no sample in {name}; every class needs at least one.")
-
-
-def check_splits(splits: Dict[str, np.ndarray], n_total: Optional[int] = None) -> None:
-    """Raise :class:`DataError` if index splits overlap (leakage) or index outside ``0..n_total-1``."""
-    seen: Dict[int, str] = {}
-    for name, idx in splits.items():
-        idx = np.asarray(idx)
-        if n_total is not None and idx.size and (idx.min() < 0 or idx.max() >= n_total):
-            raise DataError(f"Split {name!r} has indices outside 0..{n_total - 1}.")
-        if np.unique(idx).size != idx.size:
-            raise DataError(f"Split {name!r} contains duplicated indices.")
-        for i in idx.tolist():
-            if i in seen:
-                raise DataError(f"Sample {i} is in both split {seen[i]!r} and split {name!r} (leakage).")
-            seen[i] = name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -16,10 +16,11 @@ components :math:`\partial L_{val}/\partial\alpha_i = -\frac1n g_i^\top V h_i` a
 samples live and gathered (:meth:`DistributedObjective.gather`); the chain through the weight
 parameterisation runs on the gathered ``(n,)`` vector (``n`` floats, cheap).
 
-:class:`DistributedObjective` has the interface of :class:`~reweight.head.HeadObjective`, so the
-head solver, :class:`~reweight.hypergrad.BilevelProblem` and :func:`~reweight.hypergrad.hypergradient`
-are reused as they are; :class:`GatheredMethod` wraps a registered hypergradient method so its
-per-sample output is gathered. The validation split is small and replicated on every rank.
+The objective is :class:`~reweight.head.HeadObjective` itself over :class:`ShardedRows` (a row source
+whose sums are all-reduced and whose per-sample values are gathered), so the head solver,
+:class:`~reweight.hypergrad.BilevelProblem`, every registered hypergradient method and
+:func:`~reweight.hypergrad.hypergradient` run unchanged; :class:`DistributedObjective` is its
+historical constructor. The validation split is small and replicated on every rank.
 
 Launch (one node, 2 CPU processes)::
 
@@ -35,23 +36,23 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
-from types import SimpleNamespace
-from typing import Any, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-from .data import check_labels
 from .errors import ConfigError, DataError
-from .head import HeadHessian
-from .hypergrad import BilevelProblem, HypergradMethod, ValAlphaGrad
-from .streaming import ChunkedFeatures, ChunkedRows, StreamingHessian
+from .head import HeadHessian, HeadObjective
+from .rows import ChunkedFeatures, RowSource
+from .validate import check_lam
 
 __all__ = [
     "DistributedHessian",
     "DistributedObjective",
     "GatheredMethod",
+    "ShardedRows",
     "backend_for",
     "check_same_config",
     "extract_features_distributed",
@@ -189,96 +190,69 @@ def _all_reduce(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
-class DistributedObjective(ChunkedRows):  # probs/residuals/sample_losses of the local rows
-    r"""The inner objective :math:`F(W,\alpha)` with the samples sharded across ranks.
+class ShardedRows(RowSource):
+    r"""This rank's rows of a sample-sharded training set: a row source whose sums are all-reduced.
 
-    Same interface as :class:`~reweight.head.HeadObjective`; ``n`` is the global sample count,
-    ``X``/``y`` are this rank's rows. ``alpha`` may be given globally ``(n,)`` (this rank's entries
-    are taken by ``index``) or locally ``(n_local,)``.
+    Wraps the rank's local rows (a tensor or any :class:`~reweight.rows.RowSource`, e.g. a
+    memory-mapped store) with the global row count and the global index of each local row, so
+    :class:`~reweight.head.HeadObjective` computes every sum over samples locally, then all-reduces;
+    per-sample outputs are gathered by global index.
 
     Args:
-        X: this rank's ``(n_local, D)`` features: a tensor or a :class:`~reweight.streaming.ChunkedFeatures`
-            (a memory-mapped store: the shard need not fit in memory either).
-        y: ``(n_local,)`` labels.
-        num_classes: ``K``.
-        lam: :math:`\lambda > 0`.
-        index: ``(n_local,)`` global row index of each local row (default: the contiguous
-            :func:`shard_range` of this rank).
-        n_global: the global ``n`` (default: all-reduced sum of the local counts).
-        chunk_rows: chunk size when ``X`` is a tensor.
+        local: this rank's ``(n_local, D)`` rows (tensor or row source).
+        index: ``(n_local,)`` global row index of each local row (default: the contiguous block after
+            the rows of the lower ranks).
+        n_global: the global ``n`` (default: all-reduced sum of the local counts; checked when given).
+        chunk_rows: chunk size when ``local`` is a tensor.
 
     Raises:
-        DataError: for labels that do not match ``X``, or an ``index`` of the wrong length.
-        ConfigError: for ``lam <= 0`` or ranks whose local counts do not add up to ``n_global``.
+        DataError: for an ``index`` of the wrong length.
+        ConfigError: for ranks whose local counts do not add up to ``n_global``.
     """
 
-    def __init__(self, X: torch.Tensor | ChunkedFeatures, y: torch.Tensor, num_classes: int, lam: float,
-                 index: Optional[torch.Tensor] = None, n_global: Optional[int] = None, chunk_rows: int = 1 << 20):
-        if not isinstance(X, ChunkedFeatures):
-            X = ChunkedFeatures(X, chunk_rows=chunk_rows, dtype=X.dtype, device=X.device)
-        if not lam > 0:
-            raise ConfigError(f"The 'lam' parameter must be > 0 (strict L2 makes the inner problem strongly convex). Got {lam!r} instead.")
-        check_labels(y, num_classes, "training labels", n=X.n, require_all_classes=False)
-        self.X, self.y, self.K, self.lam = X, torch.as_tensor(y).to(X.device), int(num_classes), float(lam)
+    def __init__(self, local: Any, index: Optional[torch.Tensor] = None, n_global: Optional[int] = None,
+                 chunk_rows: int = 1 << 20):
+        if not isinstance(local, RowSource):
+            local = ChunkedFeatures(local, chunk_rows=chunk_rows, dtype=local.dtype, device=local.device)
+        self.inner = local
+        self.dtype, self.device = local.dtype, local.device
         self.rank, self.world = rank_and_world()
-        self.n_local = X.n
-        total = int(_all_reduce(torch.tensor([self.n_local], dtype=torch.int64, device=X.device)).item())
+        n_local = local.n_local
+        total = int(_all_reduce(torch.tensor([n_local], dtype=torch.int64, device=self.device)).item())
         if n_global is not None and int(n_global) != total:
-            raise ConfigError(f"The 'n_global' parameter of DistributedObjective is {n_global} but the ranks hold "
+            raise ConfigError(f"The 'n_global' parameter of ShardedRows is {n_global} but the ranks hold "
                               f"{total} samples in total.")
-        self.n = total
+        self.shape = (total, local.dim)
+        self._n_local = n_local
         if index is None:
             sizes = [0] * self.world
             if _active():
-                _dist().all_gather_object(sizes, self.n_local)
+                _dist().all_gather_object(sizes, n_local)
             else:
-                sizes = [self.n_local]
+                sizes = [n_local]
             lo = sum(sizes[: self.rank])
-            index = torch.arange(lo, lo + self.n_local)
+            index = torch.arange(lo, lo + n_local)
         index = torch.as_tensor(index, dtype=torch.int64)
-        if index.shape != (self.n_local,):
-            raise DataError(f"Expected an index of shape ({self.n_local},), but got {tuple(index.shape)}.")
-        self.index = index.to(X.device)
-        self._local = SimpleNamespace(X=X, n=self.n, K=self.K, lam=0.0)  # chunk operators with the global n
+        if index.shape != (n_local,):
+            raise DataError(f"Expected an index of shape ({n_local},), but got {tuple(index.shape)}.")
+        self.index = index.to(self.device)
 
     @property
-    def shape(self) -> Tuple[int, int]:
-        return (self.K, self.X.shape[1])
+    def n_local(self) -> int:
+        return self._n_local
 
-    def local_alpha(self, alpha: torch.Tensor) -> torch.Tensor:
-        """This rank's entries of ``alpha`` (given globally ``(n,)`` or locally ``(n_local,)``)."""
-        if alpha.shape == (self.n_local,):
-            return alpha
-        if alpha.shape == (self.n,):
-            return alpha[self.index]
-        raise DataError(f"Expected alpha of shape ({self.n},) or ({self.n_local},), but got {tuple(alpha.shape)}.")
+    def __iter__(self) -> Iterator[Tuple[int, int, torch.Tensor]]:
+        return iter(self.inner)
 
-    def check_alpha(self, alpha: torch.Tensor) -> None:
-        a = self.local_alpha(alpha)
-        if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
-            raise DataError("alpha must be finite and >= 0.")
+    def allreduce(self, t: torch.Tensor) -> torch.Tensor:
+        return _all_reduce(t)
 
-    def loss(self, W: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        r""":math:`F(W,\alpha)` (all-reduced: the same on every rank)."""
-        s = (self.local_alpha(alpha) * self.sample_losses(W)).sum().reshape(1)
-        return _all_reduce(s)[0] / self.n + 0.5 * self.lam * (W * W).sum()
-
-    def grad(self, W: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-        r""":math:`\nabla_W F` (all-reduced)."""
-        a = self.local_alpha(alpha)
-        out = torch.zeros_like(W)
-        for lo, hi, x in self.X:
-            G = torch.softmax(x @ W.T, dim=1)
-            G[torch.arange(hi - lo, device=G.device), self.y[lo:hi]] -= 1
-            G.mul_(a[lo:hi, None])
-            out.addmm_(G.T, x)
-        return _all_reduce(out).div_(self.n).add_(W, alpha=self.lam)
-
-    optimality = grad
-
-    def hessian(self, W: torch.Tensor, alpha: torch.Tensor) -> "DistributedHessian":
-        """The all-reduced :class:`DistributedHessian` at ``W``."""
-        return DistributedHessian(self, W, self.local_alpha(alpha))
+    def local(self, v: torch.Tensor) -> torch.Tensor:
+        if v.ndim == 1 and v.shape[0] == self.n_local:  # given locally (also when one rank holds every row)
+            return v
+        if v.ndim == 1 and v.shape[0] == self.n:
+            return v[self.index]
+        raise DataError(f"Expected alpha of shape ({self.n},) or ({self.n_local},), but got {tuple(v.shape)}.")
 
     def gather(self, local: torch.Tensor) -> torch.Tensor:
         """Assemble per-sample values ``(n_local, ...)`` of every rank into ``(n, ...)`` on every rank."""
@@ -305,51 +279,48 @@ class DistributedObjective(ChunkedRows):  # probs/residuals/sample_losses of the
         return out
 
 
-class DistributedHessian(HeadHessian):
-    r"""The head Hessian with sharded samples: :math:`HU = \operatorname{allreduce}_r(H_r U) + \lambda U`.
+class DistributedObjective(HeadObjective):
+    r""":class:`~reweight.head.HeadObjective` over this rank's shard (:class:`ShardedRows`), the historical spelling.
 
-    :math:`H_r` is this rank's streamed operator (:class:`~reweight.streaming.StreamingHessian` with
-    ``lam = 0`` and the global ``n``). :meth:`solve` is inherited from :class:`HeadHessian`, so CG
-    runs on the all-reduced products, identically on every rank.
+    ``n`` is the global sample count, ``X``/``y`` are this rank's rows; ``alpha`` may be given
+    globally ``(n,)`` or locally ``(n_local,)``; ``alpha_grad_from_v`` returns all ``n`` entries on every rank.
+
+    Args:
+        X: this rank's ``(n_local, D)`` features (tensor or row source).
+        y: ``(n_local,)`` labels.
+        num_classes: ``K``.
+        lam: :math:`\lambda > 0`.
+        index, n_global, chunk_rows: see :class:`ShardedRows`.
     """
 
-    def __init__(self, obj: DistributedObjective, W: torch.Tensor, alpha_local: torch.Tensor):
-        self.obj, self.lam, self.n, self.K, self.D = obj, obj.lam, obj.n, obj.K, obj.X.shape[1]
-        self.X, self.P, self.alpha = obj.X, None, alpha_local
-        self._local = StreamingHessian(obj._local, W, alpha_local)
-        self.hvps = 0
+    def __init__(self, X: Any, y: torch.Tensor, num_classes: int, lam: float, index: Optional[torch.Tensor] = None,
+                 n_global: Optional[int] = None, chunk_rows: int = 1 << 20):
+        check_lam(lam, "DistributedObjective")  # before any collective, so every rank fails alike
+        super().__init__(ShardedRows(X, index=index, n_global=n_global, chunk_rows=chunk_rows), y, num_classes, lam)
 
-    def matvec(self, U: torch.Tensor) -> torch.Tensor:
-        out = _all_reduce(self._local.matvec(U)).add_(U, alpha=self.lam)
-        self.hvps += U.shape[0] if U.ndim == 3 else 1
-        return out
+    @property
+    def index(self) -> torch.Tensor:
+        return self.rows.index  # type: ignore[attr-defined]
 
-    __call__ = matvec
 
-    def dense(self, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """All-reduced dense Hessian (float64 assembly; small problems and tests only)."""
-        H = _all_reduce(self._local.dense(torch.float64).contiguous())
-        H = H + self.lam * torch.eye(self.K * self.D, dtype=H.dtype, device=H.device)
-        return H.to(dtype or self.X.dtype)
+#: The Hessian of a sharded objective is the head's Hessian (its products are all-reduced by the rows).
+DistributedHessian = HeadHessian
 
 
 class GatheredMethod:
-    """Wrap a hypergradient method so its per-sample :math:`\\partial L_{val}/\\partial\\alpha` is gathered.
+    """Deprecated: a hypergradient method on a sharded objective already returns the gathered ``(n,)`` vector.
 
-    The wrapped method (e.g. :class:`~reweight.hypergrad.ConjugateGradient` or
-    :class:`~reweight.hypergrad.Exact`) runs on a :class:`DistributedObjective` and yields this rank's
-    components; they are gathered into the global ``(n,)`` vector on every rank, so
-    :func:`~reweight.hypergrad.hypergradient` can apply the weight chain rule as in one process.
+    Kept for one release so old launch scripts run; it forwards to the wrapped method.
     """
 
-    def __init__(self, method: HypergradMethod, obj: DistributedObjective):
+    def __init__(self, method: Any, obj: HeadObjective):
+        warnings.warn("GatheredMethod is deprecated: HeadObjective over ShardedRows gathers per-sample "
+                      "values itself; pass the method directly.", DeprecationWarning, stacklevel=2)
         self.method, self.obj = method, obj
 
-    def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
-                       v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
-        vag = self.method.val_alpha_grad(problem, W, alpha, v0=v0)
-        vag.grad_alpha = self.obj.gather(vag.grad_alpha)
-        return vag
+    def val_alpha_grad(self, problem: Any, W: torch.Tensor, alpha: torch.Tensor,
+                       v0: Optional[torch.Tensor] = None) -> Any:
+        return self.method.val_alpha_grad(problem, W, alpha, v0=v0)
 
 
 def extract_features_distributed(model: torch.nn.Module, images: Any, root: str | Path,

@@ -54,10 +54,10 @@ from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Tuple
 
 import torch
 
-from .data import check_features, check_labels
 from .errors import ConfigError, NonFiniteError
-from .head import HeadObjective, mean_ce, mean_ce_grad
+from .head import InnerObjective, mean_ce, mean_ce_grad
 from .registry import Registry
+from .validate import check_bool, check_features, check_int, check_labels, check_number, renamed_field
 from .weights import WeightModel
 
 __all__ = [
@@ -86,23 +86,28 @@ class BilevelProblem:
     r"""Everything the outer problem needs: the inner objective, the clean validation split, weights.
 
     Args:
-        inner: :class:`~reweight.head.HeadObjective` on the training features.
+        inner: the inner objective (:class:`~reweight.head.HeadObjective` on the training rows).
         X_val: ``(m, D)`` validation features (same columns as the training features).
         y_val: ``(m,)`` validation labels.
-        weights: :class:`~reweight.weights.WeightModel` of the training set.
+        weights: :class:`~reweight.weights.WeightModel` of the training set (``None`` for a bare
+            target, e.g. one query of an attribution method: then only ``val_alpha_grad`` applies).
+        all_classes: require every class in ``y_val`` (a validation split must hold them all; a
+            single-query target need not).
     """
 
-    inner: HeadObjective
+    inner: InnerObjective
     X_val: torch.Tensor
     y_val: torch.Tensor
-    weights: WeightModel
+    weights: Optional[WeightModel] = None
+    all_classes: bool = True
 
     def __post_init__(self) -> None:
-        check_features(self.X_val, "validation features", dim=self.inner.X.shape[1])
-        check_labels(self.y_val, self.inner.K, "validation labels", n=self.X_val.shape[0])
-        if self.weights.n != self.inner.n:
+        check_features(self.X_val, "validation features", dim=self.inner.shape[1])
+        check_labels(self.y_val, self.inner.K, "validation labels", n=self.X_val.shape[0],
+                     require_all_classes=self.all_classes)
+        if self.weights is not None and self.weights.n != self.inner.n:
             raise ConfigError(f"Weight model has {self.weights.n} samples but the training set has {self.inner.n}.")
-        self.y_val = self.y_val.to(self.X_val.device)
+        self.y_val = torch.as_tensor(self.y_val).to(self.X_val.device)
 
     def val_loss(self, W: torch.Tensor) -> torch.Tensor:
         r""":math:`L_{val}(W)`: mean validation cross-entropy (no L2 term)."""
@@ -160,16 +165,18 @@ class HypergradMethod(Protocol):
                        v0: Optional[torch.Tensor] = None) -> ValAlphaGrad: ...
 
 
-def alpha_grad_from_v(inner: HeadObjective, W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def alpha_grad_from_v(inner: InnerObjective, W: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     r""":math:`\partial L_{val}/\partial\alpha_i = -\frac1n g_i^\top V h_i` for all ``i`` at once, ``(n,)``.
+
+    The formula lives in :meth:`reweight.head.HeadObjective.alpha_grad_from_v`; this is its
+    functional spelling.
 
     Args:
         inner: the inner objective (features ``h_i`` and labels).
         W: ``(K, D)`` head at which the residuals :math:`g_i` are taken (the inner optimum).
         v: ``(K, D)`` :math:`V = H^{-1}\nabla_W L_{val}` (or an approximation of it).
     """
-    G = inner.residuals(W)  # (n, K)
-    return -((G * (inner.X @ v.T)).sum(dim=1)) / inner.n
+    return inner.alpha_grad_from_v(W, v)
 
 
 @HYPERGRAD.register("exact")
@@ -181,49 +188,39 @@ class Exact:
                        v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
         H = problem.inner.hessian(W, alpha)
         sol = H.solve(problem.val_grad(W), method="dense")
-        return ValAlphaGrad(alpha_grad_from_v(problem.inner, W, sol.x), v=sol.x, rel_residual=sol.rel_residual)
+        return ValAlphaGrad(problem.inner.alpha_grad_from_v(W, sol.x), v=sol.x, rel_residual=sol.rel_residual)
 
 
 @HYPERGRAD.register("cg")
 @dataclass(frozen=True)
 class ConjugateGradient:
-    """Implicit differentiation with CG on the vectorised HVP, warm-started from the previous ``V``.
+    r"""Implicit differentiation with CG on the vectorised HVP, warm-started from the previous ``V``.
 
     Args:
-        tol: relative residual :math:`\\|HV - \\nabla L_{val}\\| / \\|\\nabla L_{val}\\|` to stop at.
+        rtol: relative residual :math:`\|HV - \nabla L_{val}\| / \|\nabla L_{val}\|` to stop at (the
+            one default of the CG hypergradient; ``tol`` is its deprecated name).
         max_iter: HVP budget.
         warm_start: start CG from the previous outer step's ``V``.
     """
 
-    tol: float = 1e-6
+    rtol: float = 1e-6
     max_iter: int = 500
     warm_start: bool = True
+    tol: Optional[float] = None
 
     def __post_init__(self) -> None:
-        if not self.tol > 0:
-            raise ConfigError(f"The 'tol' parameter of cg must be > 0. Got {self.tol!r} instead.")
-        if self.max_iter < 1:
-            raise ConfigError(f"The 'max_iter' parameter of cg must be >= 1. Got {self.max_iter!r} instead.")
+        renamed_field(self, "tol", "rtol", "cg")
+        check_number(self.rtol, "rtol", "cg", low=0.0, low_open=True)
+        check_int(self.max_iter, "max_iter", "cg", minimum=1)
+        check_bool(self.warm_start, "warm_start", "cg")
 
     def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
                        v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
         H = problem.inner.hessian(W, alpha)
-        sol = H.solve(problem.val_grad(W), method="cg", tol=self.tol, max_iter=self.max_iter,
+        sol = H.solve(problem.val_grad(W), method="cg", rtol=self.rtol, max_iter=self.max_iter,
                       x0=v0 if self.warm_start else None)
-        return ValAlphaGrad(alpha_grad_from_v(problem.inner, W, sol.x), v=sol.x, hvps=sol.hvps,
+        return ValAlphaGrad(problem.inner.alpha_grad_from_v(W, sol.x, P=H.P), v=sol.x, hvps=sol.hvps,
                             rel_residual=sol.rel_residual, converged=sol.converged)
-
-
-def _check_positive_int(value: Any, name: str, method: str, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"The '{name}' parameter of {method} must be an int >= {minimum}. Got {value!r} instead.")
-
-
-def _check_optional_positive(value: Any, name: str, method: str) -> None:
-    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))
-                              or not math.isfinite(value) or not value > 0):
-        raise ConfigError(f"The '{name}' parameter of {method} must be a finite number > 0 or None. "
-                          f"Got {value!r} instead.")
 
 
 def largest_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], shape: Tuple[int, ...],
@@ -248,7 +245,7 @@ def largest_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], shape: Tu
     References:
         von Mises & Pollaczek-Geiringer, "Praktische Verfahren der Gleichungsauflösung", ZAMM 1929.
     """
-    _check_positive_int(iters, "iters", "largest_eigenvalue")
+    check_int(iters, "iters", "largest_eigenvalue", minimum=1)
     g = torch.Generator(device="cpu").manual_seed(int(seed))
     u = torch.randn(shape, generator=g, dtype=torch.float64).to(device=device, dtype=dtype)
     u = u / torch.linalg.vector_norm(u)
@@ -295,8 +292,8 @@ class Neumann:
             :math:`\hat\lambda_{max}` from ``power_iters`` power iterations on ``H`` (their HVPs are
             counted in the cost).
         power_iters: power iterations for the default ``eta``.
-        tol: relative residual at which the series stops early; ``converged`` is False when ``order``
-            terms did not reach it (recorded, never silent).
+        rtol: relative residual at which the series stops early; ``converged`` is False when ``order``
+            terms did not reach it (recorded, never silent). ``tol`` is its deprecated name.
 
     References:
         Lorraine, Vicol & Duvenaud, "Optimizing millions of hyperparameters by implicit
@@ -306,15 +303,15 @@ class Neumann:
     order: int = 100
     eta: Optional[float] = None
     power_iters: int = 20
-    tol: float = 1e-6
+    rtol: float = 1e-6
+    tol: Optional[float] = None
 
     def __post_init__(self) -> None:
-        _check_positive_int(self.order, "order", "neumann")
-        _check_optional_positive(self.eta, "eta", "neumann")
-        _check_positive_int(self.power_iters, "power_iters", "neumann")
-        _check_optional_positive(self.tol, "tol", "neumann")
-        if self.tol is None:
-            raise ConfigError("The 'tol' parameter of neumann must be a finite number > 0. Got None instead.")
+        renamed_field(self, "tol", "rtol", "neumann")
+        check_int(self.order, "order", "neumann", minimum=1)
+        check_number(self.eta, "eta", "neumann", low=0.0, low_open=True, allow_none=True)
+        check_int(self.power_iters, "power_iters", "neumann", minimum=1)
+        check_number(self.rtol, "rtol", "neumann", low=0.0, low_open=True)
 
     def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
                        v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
@@ -328,17 +325,17 @@ class Neumann:
             acc = acc + p  # sum_{k<=terms} (I - eta H)^k b
             p = p - eta * H.matvec(p)  # (I - eta H)^{terms+1} b == b - H V
             rel = float(torch.linalg.vector_norm(p)) / bnorm
-            if rel <= self.tol or terms >= self.order or not math.isfinite(rel):
+            if rel <= self.rtol or terms >= self.order or not math.isfinite(rel):
                 break
             terms += 1
         v = eta * acc
         if not math.isfinite(rel):  # the series overflowed (eta > 2/lambda_max): make it loud downstream
             v = torch.full_like(b, float("nan"))
-        return ValAlphaGrad(alpha_grad_from_v(problem.inner, W, v), v=v, hvps=H.hvps, rel_residual=rel,
-                            converged=rel <= self.tol, extra={"eta": eta, "terms": terms})
+        return ValAlphaGrad(problem.inner.alpha_grad_from_v(W, v), v=v, hvps=H.hvps, rel_residual=rel,
+                            converged=rel <= self.rtol, extra={"eta": eta, "terms": terms})
 
 
-def _gd_steps_no_graph(inner: HeadObjective, W: torch.Tensor, alpha: torch.Tensor, lr: float,
+def _gd_steps_no_graph(inner: InnerObjective, W: torch.Tensor, alpha: torch.Tensor, lr: float,
                        steps: int) -> torch.Tensor:
     """``steps`` plain gradient-descent steps on ``F(., alpha)`` without a graph (closed-form gradient)."""
     with torch.no_grad():
@@ -394,14 +391,14 @@ class Unrolled:
     power_iters: int = 20
 
     def __post_init__(self) -> None:
-        _check_positive_int(self.steps, "steps", "unrolled")
+        check_int(self.steps, "steps", "unrolled", minimum=1)
         if self.truncate is not None:
-            _check_positive_int(self.truncate, "truncate", "unrolled")
+            check_int(self.truncate, "truncate", "unrolled", minimum=1)
             if self.truncate > self.steps:
                 raise ConfigError(f"The 'truncate' parameter of unrolled must be <= steps ({self.steps}). "
                                   f"Got {self.truncate!r} instead.")
-        _check_optional_positive(self.lr, "lr", "unrolled")
-        _check_positive_int(self.power_iters, "power_iters", "unrolled")
+        check_number(self.lr, "lr", "unrolled", low=0.0, low_open=True, allow_none=True)
+        check_int(self.power_iters, "power_iters", "unrolled", minimum=1)
 
     def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
                        v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
@@ -475,8 +472,8 @@ class OneStep:
     power_iters: int = 20
 
     def __post_init__(self) -> None:
-        _check_optional_positive(self.lr, "lr", "one_step")
-        _check_positive_int(self.power_iters, "power_iters", "one_step")
+        check_number(self.lr, "lr", "one_step", low=0.0, low_open=True, allow_none=True)
+        check_int(self.power_iters, "power_iters", "one_step", minimum=1)
 
     def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
                        v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
@@ -489,7 +486,7 @@ class OneStep:
             lr = float(self.lr)
         W1 = W - lr * problem.inner.grad(W, alpha)
         v = lr * problem.val_grad(W1)
-        return ValAlphaGrad(alpha_grad_from_v(problem.inner, W, v), v=v, hvps=hvps, inner_steps=1,
+        return ValAlphaGrad(problem.inner.alpha_grad_from_v(W, v), v=v, hvps=hvps, inner_steps=1,
                             extra={"lr": lr})
 
 
@@ -515,7 +512,7 @@ class FirstOrder:
     def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
                        v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
         v = problem.val_grad(W)
-        return ValAlphaGrad(alpha_grad_from_v(problem.inner, W, v), v=v)
+        return ValAlphaGrad(problem.inner.alpha_grad_from_v(W, v), v=v)
 
 
 def make_method(name: str, options: Optional[Mapping[str, Any]] = None) -> HypergradMethod:
@@ -539,6 +536,8 @@ def hypergradient(method: HypergradMethod, problem: BilevelProblem, s: torch.Ten
     Raises:
         NonFiniteError: if the result is NaN/Inf (names the method and the quantity).
     """
+    if problem.weights is None:
+        raise ConfigError("hypergradient needs a BilevelProblem with a weight model (weights=None given).")
     t0 = time.perf_counter()
     s_ = s.detach().clone().requires_grad_(True)
     with torch.enable_grad():

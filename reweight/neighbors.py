@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .head import representer_values, softmax_residuals
 from .store import FeatureStore, check_chunk_rows
 
 __all__ = [
@@ -207,9 +208,7 @@ def representer_scores(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor, alpha:
     Returns:
         ``(q, m)`` scores.
     """
-    G = torch.softmax(X @ W.T, dim=1)
-    G[torch.arange(X.shape[0], device=G.device), y] -= 1
-    R = -(alpha[:, None] * G) / (lam * n)  # (m, K)
+    R = representer_values(softmax_residuals(W, X, y), alpha, lam, n)  # (m, K)
     return (x @ X.T) * R[:, cls].T
 
 
@@ -271,9 +270,7 @@ def representer_top(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor, alpha: to
     if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= M <= n:
         raise ConfigError(f"The 'top' parameter of representer_top must be an int with 1 <= top <= M <= n = {n}. "
                           f"Got top={top!r}, M={M!r} instead.")
-    G = torch.softmax(X @ W.T, dim=1)
-    G[torch.arange(n, device=G.device), y] -= 1
-    R = -(alpha[:, None] * G) / (lam * n)  # (n, K) representer values r_i
+    R = representer_values(softmax_residuals(W, X, y), alpha, lam, n)  # (n, K) representer values r_i
     out_s = torch.empty(x.shape[0], top, dtype=x.dtype, device=x.device)
     out_i = torch.empty(x.shape[0], top, dtype=torch.int64, device=x.device)
     backend = "torch"

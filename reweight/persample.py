@@ -33,8 +33,9 @@ from typing import Literal, Optional
 
 import torch
 
-from .data import check_features, check_labels
 from .errors import ConfigError, DataError
+from .head import softmax_residuals
+from .validate import check_features, check_labels
 
 __all__ = ["PER_SAMPLE_METHODS", "per_sample_grads", "per_sample_inner_products", "residuals"]
 
@@ -60,8 +61,7 @@ def residuals(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor
         X: ``(n, D)`` features.
         y: ``(n,)`` int64 labels.
     """
-    P = torch.softmax(X @ W.T, dim=1)
-    return P - torch.nn.functional.one_hot(y, W.shape[0]).to(P.dtype)
+    return softmax_residuals(W, X, y)
 
 
 def per_sample_grads(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor,

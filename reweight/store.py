@@ -37,10 +37,12 @@ import numpy as np
 import torch
 
 from .errors import ConfigError, DataError
+from .rows import ChunkedFeatures, check_chunk_rows  # re-exported
 from .runs import atomic_write_bytes, atomic_write_json, sha256_bytes
 
 __all__ = [
     "MANIFEST",
+    "ChunkedFeatures",
     "FeatureStore",
     "ShardInfo",
     "StoreWriter",
@@ -56,13 +58,6 @@ log = logging.getLogger(__name__)
 MANIFEST = "manifest.json"
 FORMAT = 1
 _DTYPES = {"float32": np.float32, "float64": np.float64, "float16": np.float16}
-
-
-def check_chunk_rows(chunk_rows: Any, where: str) -> int:
-    """Return ``chunk_rows`` as an int >= 1 or raise :class:`ConfigError` naming ``where``."""
-    if isinstance(chunk_rows, bool) or not isinstance(chunk_rows, (int, np.integer)) or int(chunk_rows) < 1:
-        raise ConfigError(f"The 'chunk_rows' parameter of {where} must be an int >= 1. Got {chunk_rows!r} instead.")
-    return int(chunk_rows)
 
 
 def memory_budget_bytes(fraction: float = 0.5) -> int:

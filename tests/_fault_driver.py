@@ -24,7 +24,7 @@ def main(run_dir: str, steps: int) -> None:
         print(f"step {row['step']}", flush=True)
         time.sleep(0.02)
 
-    out = run_bilevel(problem, ConjugateGradient(tol=1e-10), steps, 0.2, tol=1e-12, checkpoint_every=1, run=run,
+    out = run_bilevel(problem, ConjugateGradient(rtol=1e-10), steps, 0.2, grad_tol=1e-12, checkpoint_every=1, run=run,
                       on_step=hook)
     run.write_text("weights.txt", "\n".join(f"{v:.17g}" for v in out.alpha.tolist()) + "\n")
     run.finish({"final_val_loss": float(problem.val_loss(out.W)), "resumed_from": out.resumed_from})

@@ -170,7 +170,7 @@ def test_loo_equals_dropping_the_row(small):
     i = 11
     keep = torch.arange(pr.n) != i
     obj = HeadObjective(pr.inner.X[keep], pr.inner.y[keep], pr.K, pr.lam * pr.n / (pr.n - 1))
-    W = solve_head(obj, torch.ones(pr.n - 1, dtype=DT), tol=1e-11).W
+    W = solve_head(obj, torch.ones(pr.n - 1, dtype=DT), grad_tol=1e-11).W
     d = torch.nn.functional.cross_entropy(Xv @ W.T, yv) - torch.nn.functional.cross_entropy(Xv @ pr.W.T, yv)
     torch.testing.assert_close(loo.delta_val[i], d, rtol=0, atol=1e-9)
 

@@ -52,7 +52,7 @@ def test_fast_options_cover_registry():
 def test_contract(noisy, name):
     """Weights finite, >= 0, summing to n; the reported head is the exact L2 head of those weights."""
     prob, corrupted = noisy
-    r = make_baseline(name, {**FAST[name], "head_tol": 1e-10}).fit(prob, seed=0)
+    r = make_baseline(name, {**FAST[name], "head_grad_tol": 1e-10}).fit(prob, seed=0)
     n = prob.inner.n
     assert r.name == name and r.alpha.shape == (n,) and bool(torch.isfinite(r.alpha).all())
     assert bool((r.alpha >= 0).all())
@@ -148,8 +148,8 @@ def test_mwn_first_meta_step_against_finite_differences(noisy):
 
 def test_uniform_is_the_plain_l2_head(noisy):
     prob, _ = noisy
-    r = make_baseline("uniform", {"head_tol": 1e-10}).fit(prob)
-    ref = solve_head(prob.inner, torch.ones(prob.inner.n, dtype=DT), tol=1e-10).W
+    r = make_baseline("uniform", {"head_grad_tol": 1e-10}).fit(prob)
+    ref = solve_head(prob.inner, torch.ones(prob.inner.n, dtype=DT), grad_tol=1e-10).W
     assert_close(r.W, ref, rtol=1e-8, atol=1e-10)
 
 
@@ -174,15 +174,15 @@ def test_unknown_baseline_and_option():
 
 
 @pytest.mark.parametrize("name, options, match", [
-    ("l2rw", {"epochs": 0}, "'epochs' parameter of l2rw must be an int > 0. Got 0"),
-    ("mwn", {"epochs": 1.5}, "'epochs' parameter of mwn must be an int > 0. Got 1.5"),
-    ("l2rw", {"batch_size": 0}, "'batch_size' parameter of l2rw must be an int > 0"),
+    ("l2rw", {"epochs": 0}, "'epochs' parameter of l2rw must be an int >= 1. Got 0"),
+    ("mwn", {"epochs": 1.5}, "'epochs' parameter of mwn must be an int >= 1. Got 1.5"),
+    ("l2rw", {"batch_size": 0}, "'batch_size' parameter of l2rw must be an int >= 1"),
     ("mwn", {"lr": -0.1}, "'lr' parameter of mwn must be a finite number > 0. Got -0.1"),
-    ("l2rw", {"momentum": 1.0}, r"'momentum' parameter of l2rw must be in \[0, 1\). Got 1.0"),
-    ("mwn", {"hidden": 0}, "'hidden' parameter of mwn must be an int > 0"),
+    ("l2rw", {"momentum": 1.0}, r"'momentum' parameter of l2rw must be a finite number in \[0, 1\). Got 1.0"),
+    ("mwn", {"hidden": 0}, "'hidden' parameter of mwn must be an int >= 1"),
     ("mwn", {"meta_lr": 0.0}, "'meta_lr' parameter of mwn must be a finite number > 0"),
     ("mwn", {"meta_weight_decay": -1.0}, "'meta_weight_decay' parameter of mwn must be a finite number >= 0"),
-    ("class_balanced", {"beta": 1.0}, r"'beta' parameter of class_balanced must be in \[0, 1\). Got 1.0"),
+    ("class_balanced", {"beta": 1.0}, r"'beta' parameter of class_balanced must be a finite number in \[0, 1\). Got 1.0"),
 ])
 def test_option_validation(name, options, match):
     with pytest.raises(ConfigError, match=match):
@@ -190,7 +190,7 @@ def test_option_validation(name, options, match):
 
 
 def test_class_balanced_weights_validation():
-    with pytest.raises(ConfigError, match=r"'beta' parameter of class_balanced_weights must be in \[0, 1\)"):
+    with pytest.raises(ConfigError, match=r"'beta' parameter of class_balanced_weights must be a finite number in \[0, 1\)"):
         class_balanced_weights(torch.tensor([0, 1]), 2, beta=-0.1)
 
 

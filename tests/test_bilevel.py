@@ -14,7 +14,7 @@ from tests.conftest import make_problem
 
 def test_outer_loop_lowers_objective_and_logs():
     problem = make_problem(n=90, seed=3, beta_entropy=0.0, beta_ess=0.1, ess_floor=0.3)
-    out = run_bilevel(problem, ConjugateGradient(tol=1e-10), 25, 0.2, tol=1e-12,
+    out = run_bilevel(problem, ConjugateGradient(rtol=1e-10), 25, 0.2, grad_tol=1e-12,
                       evals={"val": (problem.X_val, problem.y_val)})
     first, last = out.metrics[0], out.metrics[-1]
     assert last["objective"] < first["objective"]
@@ -25,8 +25,8 @@ def test_outer_loop_lowers_objective_and_logs():
 
 def test_exact_and_cg_outer_trajectories_agree():
     p1, p2 = make_problem(n=60, seed=5), make_problem(n=60, seed=5)
-    a = run_bilevel(p1, Exact(), 8, 0.1, tol=1e-12)
-    b = run_bilevel(p2, ConjugateGradient(tol=1e-12), 8, 0.1, tol=1e-12)
+    a = run_bilevel(p1, Exact(), 8, 0.1, grad_tol=1e-12)
+    b = run_bilevel(p2, ConjugateGradient(rtol=1e-12), 8, 0.1, grad_tol=1e-12)
     torch.testing.assert_close(a.s, b.s, rtol=1e-6, atol=1e-8)
 
 

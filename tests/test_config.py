@@ -23,9 +23,9 @@ def test_shipped_main_config_loads():
 
 
 def test_dotted_overrides():
-    cfg = load_config(None, ["head.lam=0.3", "outer.steps=7", "data.noise=asymmetric", "hypergrad.options={tol: 1e-4}"])
+    cfg = load_config(None, ["head.lam=0.3", "outer.steps=7", "data.noise=asymmetric", "hypergrad.options={rtol: 1e-4}"])
     assert cfg.head.lam == 0.3 and cfg.outer.steps == 7 and cfg.data.noise == "asymmetric"
-    assert cfg.hypergrad.options == {"tol": 1e-4}
+    assert cfg.hypergrad.options == {"rtol": 1e-4}
     assert config_hash(cfg) != config_hash(RunConfig())
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
 

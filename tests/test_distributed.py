@@ -39,8 +39,8 @@ def _single_process_reference(cfg: DistConfig):
     obj = HeadObjective(add_bias(X), y, cfg.K, cfg.lam)
     wm = WeightModel(y, cfg.K)
     s = _s_init(cfg, torch.float64)
-    W = solve_head(obj, wm.alpha(s).detach(), tol=1e-11).W
-    return hypergradient(ConjugateGradient(tol=1e-12, max_iter=2000), BilevelProblem(obj, add_bias(Xv), yv, wm), s, W), W
+    W = solve_head(obj, wm.alpha(s).detach(), grad_tol=1e-11).W
+    return hypergradient(ConjugateGradient(rtol=1e-12, max_iter=2000), BilevelProblem(obj, add_bias(Xv), yv, wm), s, W), W
 
 
 def test_torchrun_two_processes_match_single_process(tmp_path):
@@ -82,17 +82,20 @@ def test_single_rank_objective_equals_head_objective():
     wm = WeightModel(y, 3)
     s = torch.randn(97, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
     alpha = wm.alpha(s).detach()
-    W = solve_head(mem, alpha, tol=1e-11).W
-    torch.testing.assert_close(solve_head(dobj, alpha, tol=1e-11).W, W)
+    W = solve_head(mem, alpha, grad_tol=1e-11).W
+    torch.testing.assert_close(solve_head(dobj, alpha, grad_tol=1e-11).W, W)
     torch.testing.assert_close(dobj.grad(W, alpha), mem.grad(W, alpha))
     torch.testing.assert_close(dobj.loss(W, alpha), mem.loss(W, alpha))
     U = torch.randn_like(W)
     torch.testing.assert_close(dobj.hessian(W, alpha).matvec(U), mem.hessian(W, alpha).matvec(U))
     torch.testing.assert_close(dobj.hessian(W, alpha).dense(), mem.hessian(W, alpha).dense())
-    for m in (ConjugateGradient(tol=1e-12), Exact()):
-        a = hypergradient(GatheredMethod(m, dobj), BilevelProblem(dobj, Xv, yv, wm), s, W)
+    for m in (ConjugateGradient(rtol=1e-12), Exact()):
+        a = hypergradient(m, BilevelProblem(dobj, Xv, yv, wm), s, W)  # the sharded objective gathers itself
         b = hypergradient(m, BilevelProblem(mem, Xv, yv, wm), s, W)
         torch.testing.assert_close(a.grad_s, b.grad_s)
+    with pytest.warns(DeprecationWarning, match="GatheredMethod is deprecated"):
+        old = GatheredMethod(ConjugateGradient(rtol=1e-12), dobj)
+    torch.testing.assert_close(hypergradient(old, BilevelProblem(dobj, Xv, yv, wm), s, W).grad_s, b.grad_s)
 
 
 def test_gather_places_values_by_global_index():
@@ -139,11 +142,11 @@ def test_init_distributed_errors(monkeypatch):
 
 def test_distributed_objective_errors():
     X, y, *_ = _small(n=10)
-    with pytest.raises(ConfigError, match="The 'n_global' parameter of DistributedObjective is 12 but the ranks hold 10"):
+    with pytest.raises(ConfigError, match="The 'n_global' parameter of ShardedRows is 12 but the ranks hold 10"):
         DistributedObjective(X, y, 3, 0.1, n_global=12)
     with pytest.raises(DataError, match=r"Expected an index of shape \(10,\)"):
         DistributedObjective(X, y, 3, 0.1, index=torch.arange(9))
-    with pytest.raises(ConfigError, match="The 'lam' parameter must be > 0"):
+    with pytest.raises(ConfigError, match="The 'lam' parameter of [A-Za-z]* must be a finite number > 0"):
         DistributedObjective(X, y, 3, -1.0)
 
 

@@ -24,7 +24,7 @@ def test_solver_converges_honestly(n, d, K, log_lam, log_scale, seed, zero_frac,
     tol = 1e-4 if dtype == torch.float32 else 1e-9
     # scale the tolerance with the size of the gradient at 0 (relative accuracy is what float32 can promise)
     g0 = float(torch.linalg.vector_norm(obj.grad(torch.zeros(obj.shape, dtype=dtype), alpha.to(dtype))))
-    sol = solve_head(obj, alpha.to(dtype), tol=tol * max(1.0, g0), max_iter=200)
+    sol = solve_head(obj, alpha.to(dtype), grad_tol=tol * max(1.0, g0), max_iter=200)
     assert torch.isfinite(sol.W).all()
     gn = float(torch.linalg.vector_norm(obj.grad(sol.W, alpha.to(dtype))))
     if sol.converged:

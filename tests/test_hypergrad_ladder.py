@@ -25,8 +25,8 @@ DT = torch.float64
 # 2x (err ~0.3 here, see test_tolerance_check_catches_scaling_errors) would give.
 TOLERANCES = {
     "exact": ({}, 1 - 1e-12, 1e-10),
-    "cg": ({"tol": 1e-10, "max_iter": 200}, 1 - 1e-12, 1e-8),
-    "neumann": ({"order": 400, "tol": 1e-10}, 1 - 1e-12, 1e-8),
+    "cg": ({"rtol": 1e-10, "max_iter": 200}, 1 - 1e-12, 1e-8),
+    "neumann": ({"order": 400, "rtol": 1e-10}, 1 - 1e-12, 1e-8),
     "unrolled": ({"steps": 300}, 1 - 1e-12, 1e-8),
     # H ~ I/eta and H ~ I: crude rungs, direction only (measured cosine ~0.97 on this fixture;
     # 0.9 still rejects a sign flip, cosine -1, and an unrelated direction, cosine ~0).
@@ -47,7 +47,7 @@ def _problem(lam: float = 0.1, seed: int = 0, n: int = 40, d: int = 4, K: int = 
     prob = BilevelProblem(inner, Xv, yv, wm)
     s = 0.7 * torch.randn(n, generator=g, dtype=DT)  # a fixed non-uniform s
     alpha = wm.alpha(s)
-    W = solve_head(inner, alpha, tol=1e-13, max_iter=100).W
+    W = solve_head(inner, alpha, grad_tol=1e-13, max_iter=100).W
     return prob, s, alpha, W
 
 
@@ -109,7 +109,7 @@ def test_tolerance_check_catches_scaling_errors(fx):
     # lambda scaled by 2 (same data and alpha, inner re-solved): the exact hypergradient moves far.
     inner2 = HeadObjective(prob.inner.X, prob.inner.y, prob.inner.K, 2 * prob.inner.lam)
     prob2 = BilevelProblem(inner2, prob.X_val, prob.y_val, prob.weights)
-    W2 = solve_head(inner2, alpha, tol=1e-13).W
+    W2 = solve_head(inner2, alpha, grad_tol=1e-13).W
     wrong = hypergradient(make_method("exact"), prob2, s, W2).grad_alpha
     assert _rel(wrong, ref) > 0.05
     assert not _within(wrong, ref, *TOLERANCES["neumann"][1:])
@@ -128,7 +128,7 @@ def test_neumann_improves_with_order(fx):
     v_star = exact.v
     errs, cosines = [], []
     for order in (1, 2, 4, 8, 16, 32, 64):
-        r = hypergradient(Neumann(order=order, tol=1e-300), prob, s, W)  # no early stop
+        r = hypergradient(Neumann(order=order, rtol=1e-300), prob, s, W)  # no early stop
         errs.append(_rel(r.v, v_star))
         cosines.append(_cos(r.grad_alpha, exact.grad_alpha))
         assert r.hvps == order + 1 + 20  # series (order + 1) + power iterations (20)
@@ -140,13 +140,13 @@ def test_neumann_improves_with_order(fx):
 
 def test_neumann_residual_is_reported_and_nonconvergence_recorded(fx):
     prob, s, alpha, W, exact = fx
-    r = Neumann(order=2, tol=1e-10).val_alpha_grad(prob, W, alpha)
+    r = Neumann(order=2, rtol=1e-10).val_alpha_grad(prob, W, alpha)
     H = prob.inner.hessian(W, alpha)
     b = prob.val_grad(W)
     true_rel = float((H.matvec(r.v) - b).norm() / b.norm())
     assert r.rel_residual == pytest.approx(true_rel, rel=1e-8)
     assert not r.converged
-    r2 = Neumann(order=1000, tol=1e-8).val_alpha_grad(prob, W, alpha)
+    r2 = Neumann(order=1000, rtol=1e-8).val_alpha_grad(prob, W, alpha)
     assert r2.converged and r2.rel_residual <= 1e-8 and r2.extra["terms"] < 1000  # stopped early
 
 
@@ -211,7 +211,7 @@ def test_unrolled_equals_neumann_from_the_optimum(fx):
     eta = 0.5 / float(torch.linalg.eigvalsh(H.dense()).max())
     for T in (1, 4, 15):
         u = Unrolled(steps=T, lr=eta).val_alpha_grad(prob, W, alpha)
-        nm = Neumann(order=max(T - 1, 1), eta=eta, tol=1e-300).val_alpha_grad(prob, W, alpha) if T > 1 else None
+        nm = Neumann(order=max(T - 1, 1), eta=eta, rtol=1e-300).val_alpha_grad(prob, W, alpha) if T > 1 else None
         if T == 1:  # order 0: v = eta * grad L_val
             ref = make_method("one_step", {"lr": eta}).val_alpha_grad(prob, W, alpha).grad_alpha
         else:
@@ -343,12 +343,12 @@ def test_exact_hypergradient_finite_differences():
     prob, s, alpha, W = _problem(seed=4, n=24, d=3)
     wm = WeightModel(prob.weights.labels, prob.inner.K, beta_entropy=0.3, beta_ess=0.5, ess_floor=0.9)
     prob = BilevelProblem(prob.inner, prob.X_val, prob.y_val, wm)
-    W = solve_head(prob.inner, wm.alpha(s), tol=1e-13).W
+    W = solve_head(prob.inner, wm.alpha(s), grad_tol=1e-13).W
     res = hypergradient(make_method("exact"), prob, s, W)
 
     def J(sv):
         a = wm.alpha(sv)
-        Wv = solve_head(prob.inner, a, W0=W, tol=1e-13).W
+        Wv = solve_head(prob.inner, a, W0=W, grad_tol=1e-13).W
         return float(prob.val_loss(Wv) + wm.penalty(a))
 
     h = 1e-5
@@ -387,7 +387,7 @@ def test_unknown_method_lists_registered():
 
 
 def test_unknown_option_lists_valid():
-    with pytest.raises(ConfigError, match="Valid options: order, eta, power_iters, tol"):
+    with pytest.raises(ConfigError, match="Valid options: order, eta, power_iters, rtol, tol"):
         make_method("neumann", {"iters": 3})
 
 
@@ -395,11 +395,11 @@ def test_unknown_option_lists_valid():
     ("neumann", {"order": 0}, "'order' parameter of neumann must be an int >= 1. Got 0"),
     ("neumann", {"order": -3}, "'order' parameter of neumann must be an int >= 1. Got -3"),
     ("neumann", {"order": 2.5}, "'order' parameter of neumann must be an int >= 1. Got 2.5"),
-    ("neumann", {"eta": 0.0}, "'eta' parameter of neumann must be a finite number > 0 or None. Got 0.0"),
+    ("neumann", {"eta": 0.0}, "'eta' parameter of neumann must be a finite number > 0 or null. Got 0.0"),
     ("neumann", {"eta": -1.0}, "'eta' parameter of neumann must be a finite number > 0"),
     ("neumann", {"power_iters": 0}, "'power_iters' parameter of neumann must be an int >= 1"),
-    ("neumann", {"tol": 0.0}, "'tol' parameter of neumann must be a finite number > 0"),
-    ("neumann", {"tol": None}, "'tol' parameter of neumann must be a finite number > 0. Got None"),
+    ("neumann", {"rtol": 0.0}, "'rtol' parameter of neumann must be a finite number > 0"),
+    ("neumann", {"rtol": None}, "'rtol' parameter of neumann must be a finite number > 0. Got None"),
     ("unrolled", {"steps": 0}, "'steps' parameter of unrolled must be an int >= 1. Got 0"),
     ("unrolled", {"steps": -1}, "'steps' parameter of unrolled must be an int >= 1"),
     ("unrolled", {"steps": 5, "truncate": 0}, "'truncate' parameter of unrolled must be an int >= 1"),
@@ -409,7 +409,7 @@ def test_unknown_option_lists_valid():
     ("unrolled", {"power_iters": 0}, "'power_iters' parameter of unrolled must be an int >= 1"),
     ("one_step", {"lr": -0.1}, "'lr' parameter of one_step must be a finite number > 0"),
     ("one_step", {"power_iters": 0}, "'power_iters' parameter of one_step must be an int >= 1"),
-    ("cg", {"max_iter": 0}, "'max_iter' parameter of cg must be >= 1"),
+    ("cg", {"max_iter": 0}, "'max_iter' parameter of cg must be an int >= 1"),
 ])
 def test_budget_validation(name, options, match):
     with pytest.raises(ConfigError, match=match):

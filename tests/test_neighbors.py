@@ -97,7 +97,7 @@ def test_representer_identity_and_preselection():
     y = torch.randint(0, K, (n,), generator=g)
     X = add_bias(H)
     alpha = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
-    W = solve_head(HeadObjective(X, y, K, lam), alpha, tol=1e-12).W
+    W = solve_head(HeadObjective(X, y, K, lam), alpha, grad_tol=1e-12).W
     xq = add_bias(torch.randn(4, d, generator=g, dtype=torch.float64))
     cls = (xq @ W.T).argmax(1)
     S = representer_scores(W, X, y, alpha, lam, n, xq, cls)
@@ -136,7 +136,7 @@ def test_representer_top_by_inner_product_search_is_exact():
     X = add_bias(torch.randn(n, d, generator=g, dtype=torch.float64))
     y = torch.randint(0, K, (n,), generator=g)
     alpha = torch.rand(n, generator=g, dtype=torch.float64) + 0.5
-    W = solve_head(HeadObjective(X, y, K, lam), alpha, tol=1e-12).W
+    W = solve_head(HeadObjective(X, y, K, lam), alpha, grad_tol=1e-12).W
     xq = add_bias(torch.randn(6, d, generator=g, dtype=torch.float64))
     cls = torch.tensor([0, 1, 2, 0, 1, 2])
     S = representer_scores(W, X, y, alpha, lam, n, xq, cls)

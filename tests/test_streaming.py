@@ -11,7 +11,6 @@ from reweight.head import HeadHessian, HeadObjective, add_bias, mean_ce, solve_h
 from reweight.hypergrad import BilevelProblem, ConjugateGradient, Exact, alpha_grad_from_v, hypergradient
 from reweight.store import write_store
 from reweight.streaming import (ChunkedFeatures, StreamingObjective, influence_on_val_loss, val_alpha_grad)
-from reweight.streaming import alpha_grad_from_v as fused_alpha_grad_from_v
 from reweight.weights import WeightModel, initial_s
 
 DT = torch.float64
@@ -71,16 +70,16 @@ def test_hvp_and_dense_agree(pair):
 
 def test_solver_and_hypergradients_agree(pair):
     mem, st, alpha, W, Xv, yv = pair
-    sm, ss = solve_head(mem, alpha, tol=1e-11), solve_head(st, alpha, tol=1e-11)
+    sm, ss = solve_head(mem, alpha, grad_tol=1e-11), solve_head(st, alpha, grad_tol=1e-11)
     assert sm.converged and ss.converged
     _close(ss.W, sm.W)
     for method in ("cg", "dense"):
-        a = val_alpha_grad(st, Xv, yv, sm.W, alpha, method=method, tol=1e-12)
-        b = val_alpha_grad(mem, Xv, yv, sm.W, alpha, method=method, tol=1e-12)
+        a = val_alpha_grad(st, Xv, yv, sm.W, alpha, method=method, rtol=1e-12)
+        b = val_alpha_grad(mem, Xv, yv, sm.W, alpha, method=method, rtol=1e-12)
         _close(a.grad_alpha, b.grad_alpha)
         _close(a.v, b.v)
-    ia, _ = influence_on_val_loss(st, Xv, yv, sm.W, alpha, tol=1e-12)
-    ib, _ = influence_on_val_loss(mem, Xv, yv, sm.W, alpha, tol=1e-12)
+    ia, _ = influence_on_val_loss(st, Xv, yv, sm.W, alpha, rtol=1e-12)
+    ib, _ = influence_on_val_loss(mem, Xv, yv, sm.W, alpha, rtol=1e-12)
     _close(ia, ib)
 
 
@@ -90,34 +89,39 @@ def test_full_hypergradient_through_registry_agrees(pair):
     wm = WeightModel(mem.y, mem.K, beta_ess=1.0, ess_floor=0.9)
     s = initial_s(mem.n, DT) + 0.3 * torch.randn(mem.n, dtype=DT, generator=torch.Generator().manual_seed(2))
     alpha = wm.alpha(s).detach()
-    W = solve_head(mem, alpha, tol=1e-11).W
-    for method in (ConjugateGradient(tol=1e-12), Exact()):
+    W = solve_head(mem, alpha, grad_tol=1e-11).W
+    for method in (ConjugateGradient(rtol=1e-12), Exact()):
         hm = hypergradient(method, BilevelProblem(mem, Xv, yv, wm), s, W)
         hs = hypergradient(method, BilevelProblem(st, Xv, yv, wm), s, W)
         _close(hs.grad_s, hm.grad_s)
         _close(hs.grad_alpha, hm.grad_alpha)
 
 
-def test_fused_alpha_grad_equals_reference():
+def test_chunked_alpha_grad_equals_reference():
+    """The objective's alpha-gradient from V, chunked and with the probabilities given, equals the reference."""
     X, y, alpha, W, *_ = _problem()
     mem = HeadObjective(add_bias(X), y, 4, 0.1)
+    st = StreamingObjective(ChunkedFeatures(X, 23, bias=True), y, 4, 0.1)
     v = torch.randn_like(W)
-    _close(fused_alpha_grad_from_v(mem, W, v), alpha_grad_from_v(mem, W, v))
-    _close(fused_alpha_grad_from_v(mem, W, v, P=mem.probs(W)), alpha_grad_from_v(mem, W, v))
+    ref = -(mem.residuals(W) * (add_bias(X) @ v.T)).sum(dim=1) / mem.n  # the formula, spelled out
+    _close(alpha_grad_from_v(mem, W, v), ref)
+    _close(mem.alpha_grad_from_v(W, v, P=mem.probs(W)), ref)
+    _close(st.alpha_grad_from_v(W, v), ref)
+    _close(st.alpha_grad_from_v(W, v, P=st.probs(W)), ref)
 
 
 def test_influence_matches_finite_difference_of_val_loss():
     """Oracle for sign, 1/n and lambda: d L_val(W*(alpha)) / d alpha_i by central differences of re-solved heads."""
     X, y, alpha, _, Xv, yv, lam = _problem(n=60, d=3, K=3, lam=0.05)
     obj = StreamingObjective(ChunkedFeatures(X, 7, bias=True), y, 3, lam)
-    W = solve_head(obj, alpha, tol=1e-12).W
-    vag = val_alpha_grad(obj, Xv, yv, W, alpha, tol=1e-13)
+    W = solve_head(obj, alpha, grad_tol=1e-12).W
+    vag = val_alpha_grad(obj, Xv, yv, W, alpha, rtol=1e-13)
     eps = 1e-4
     for i in (0, 17, 59):
         e = torch.zeros_like(alpha)
         e[i] = eps
-        Lp = mean_ce(solve_head(obj, alpha + e, W0=W, tol=1e-13).W, Xv, yv)
-        Lm = mean_ce(solve_head(obj, alpha - e, W0=W, tol=1e-13).W, Xv, yv)
+        Lp = mean_ce(solve_head(obj, alpha + e, W0=W, grad_tol=1e-13).W, Xv, yv)
+        Lm = mean_ce(solve_head(obj, alpha - e, W0=W, grad_tol=1e-13).W, Xv, yv)
         fd = (Lp - Lm) / (2 * eps)
         torch.testing.assert_close(vag.grad_alpha[i], fd, rtol=1e-5, atol=1e-9)
 
@@ -129,9 +133,9 @@ def test_wrong_global_n_would_be_detected():
     mem = HeadObjective(add_bias(X), y, 4, 0.1)
     U = torch.randn_like(W)
     P = mem.probs(W)
-    wrong = sum(HeadHessian(mem.X[lo:lo + 50], P[lo:lo + 50], alpha[lo:lo + 50], 0.0).matvec(U)
+    wrong = sum(HeadHessian.from_tensors(mem.X[lo:lo + 50], P[lo:lo + 50], alpha[lo:lo + 50], 0.0).matvec(U)
                 for lo in range(0, mem.n, 50)) + 0.1 * U
-    right = sum(HeadHessian(mem.X[lo:lo + 50], P[lo:lo + 50], alpha[lo:lo + 50], 0.0, n=mem.n).matvec(U)
+    right = sum(HeadHessian.from_tensors(mem.X[lo:lo + 50], P[lo:lo + 50], alpha[lo:lo + 50], 0.0, n=mem.n).matvec(U)
                 for lo in range(0, mem.n, 50)) + 0.1 * U
     _close(right, mem.hessian(W, alpha).matvec(U))
     with pytest.raises(AssertionError):
@@ -160,7 +164,7 @@ def test_head_hvp_blocks_do_not_change_the_result():
     X = torch.randn(n, D, generator=g, dtype=DT)
     P = torch.softmax(torch.randn(n, K, generator=g, dtype=DT), 1)
     a = torch.rand(n, generator=g, dtype=DT)
-    H = HeadHessian(X, P, a, 0.2)
+    H = HeadHessian.from_tensors(X, P, a, 0.2)
     U = torch.randn(B, K, D, generator=g, dtype=DT)
     ref = (H.dense() @ U.reshape(B, -1).T).T.reshape(B, K, D)
     torch.testing.assert_close(H.matvec(U), ref, rtol=1e-10, atol=1e-12)
@@ -187,7 +191,7 @@ def test_bad_input_errors(tmp_path):
     X, y, alpha, W, Xv, yv, lam = _problem()
     with pytest.raises(ConfigError, match="The 'chunk_rows' parameter of ChunkedFeatures must be an int >= 1. Got 0 instead."):
         ChunkedFeatures(X, chunk_rows=0)
-    with pytest.raises(ConfigError, match="The 'lam' parameter must be > 0"):
+    with pytest.raises(ConfigError, match="The 'lam' parameter of [A-Za-z]* must be a finite number > 0"):
         StreamingObjective(ChunkedFeatures(X, 10), y, 4, 0.0)
     with pytest.raises(DataError, match="Length mismatch: 157 feature rows but 156 training labels"):
         StreamingObjective(ChunkedFeatures(X, 10), y[:-1], 4, lam)

@@ -24,9 +24,9 @@ Ground truth and benchmarks: :func:`exact_loo` (Newton warm-started at the optim
 
 from __future__ import annotations
 
-from .base import (ATTRIBUTION, AttributionMethod, AttributionProblem, bilinear_scores, check_indices, check_lam,
-                   check_queries, check_top_k, loss_change_from_v, make_attribution, query_residuals,
-                   target_gradients)
+from ..validate import check_indices, check_lam, check_top_k
+from .base import (ATTRIBUTION, AttributionMethod, AttributionProblem, bilinear_scores, check_queries,
+                   loss_change_from_v, make_attribution, query_residuals, target_gradients)
 from .faithfulness import faithfulness
 from .hypergrad_fo import HypergradCG, HypergradExact, HypergradFirstOrder
 from .influence import InfluenceCG, InfluenceDiagGGN, InfluenceExact, InfluenceKFAC

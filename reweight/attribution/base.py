@@ -17,7 +17,7 @@ A method is a small class registered in :data:`ATTRIBUTION`:
 
 .. code-block:: python
 
-    method = ATTRIBUTION.get("influence_cg")(tol=1e-8)
+    method = ATTRIBUTION.get("influence_cg")(rtol=1e-8)
     method.fit(problem)                       # problem: AttributionProblem at the optimum W*
     S = method.scores(X_query, y_query)       # (Q, n): one row per query
     s_val = method.scores(X_val, y_val, reduce="mean")   # (n,): target = mean loss over the rows
@@ -36,10 +36,10 @@ from typing import Any, Dict, Literal, Optional
 
 import torch
 
-from ..data import check_features, check_labels
 from ..errors import ConfigError, DataError
-from ..head import HeadObjective, solve_head
+from ..head import HeadObjective, softmax_residuals, solve_head
 from ..registry import Registry
+from ..validate import check_features, check_indices, check_labels, check_lam, check_top_k, renamed_option
 
 __all__ = [
     "ATTRIBUTION",
@@ -61,40 +61,6 @@ log = logging.getLogger(__name__)
 ATTRIBUTION: Registry = Registry("attribution method")
 
 
-def check_lam(lam: Any, where: str) -> float:
-    """Return ``float(lam)`` or raise :class:`ConfigError` unless ``lam > 0`` (finite)."""
-    if isinstance(lam, bool) or not isinstance(lam, (int, float)) or not (0 < float(lam) < float("inf")):
-        raise ConfigError(f"The 'lam' parameter of {where} must be a finite number > 0 (strict L2 on the head "
-                          f"makes the optimum unique and the representer/influence identities exact). Got {lam!r} instead.")
-    return float(lam)
-
-
-def check_indices(idx: Any, n: int, where: str, name: str = "subset") -> torch.Tensor:
-    """Return ``idx`` as an int64 tensor, or raise :class:`DataError` if out of ``0..n-1``, duplicated or empty."""
-    t = torch.as_tensor(idx)
-    if t.ndim != 1 or t.numel() == 0 or t.is_floating_point() or t.dtype == torch.bool:
-        raise DataError(f"The '{name}' parameter of {where} must be a non-empty 1-D array of integer indices. "
-                        f"Got shape {tuple(t.shape)} and dtype {t.dtype} instead.")
-    t = t.to(torch.int64)
-    bad = torch.nonzero((t < 0) | (t >= n)).flatten()
-    if bad.numel():
-        raise DataError(f"The '{name}' parameter of {where} must hold indices in 0..{n - 1}. "
-                        f"Got {t[bad[:5]].tolist()} instead (positions {bad[:5].tolist()}).")
-    uniq, counts = torch.unique(t, return_counts=True)
-    if bool((counts > 1).any()):
-        raise DataError(f"The '{name}' parameter of {where} must not contain duplicated indices. "
-                        f"Got duplicates {uniq[counts > 1][:5].tolist()} instead.")
-    return t
-
-
-def check_top_k(k: Any, n: int, where: str, name: str = "k") -> int:
-    """Return ``int(k)`` or raise :class:`ConfigError` unless ``1 <= k <= n``."""
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= n:
-        raise ConfigError(f"The '{name}' parameter of {where} must be an int in 1..{n} (the number of training "
-                          f"samples). Got {k!r} instead.")
-    return k
-
-
 def check_queries(X: torch.Tensor, y: torch.Tensor, D: int, K: int, where: str) -> None:
     """Raise :class:`DataError` unless ``X`` is finite ``(Q, D)`` (bias column included) and ``y`` labels ``(Q,)``."""
     t = torch.as_tensor(X)
@@ -106,9 +72,8 @@ def check_queries(X: torch.Tensor, y: torch.Tensor, D: int, K: int, where: str) 
 
 
 def query_residuals(W: torch.Tensor, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    r""":math:`g_x = p_x - e_{y_x}` for every query row, ``(Q, K)``."""
-    P = torch.softmax(X @ W.T, dim=1)
-    return P - torch.nn.functional.one_hot(y, W.shape[0]).to(P.dtype)
+    r""":math:`g_x = p_x - e_{y_x}` for every query row, ``(Q, K)`` (:func:`reweight.head.softmax_residuals`)."""
+    return softmax_residuals(W, X, y)
 
 
 @dataclass
@@ -130,8 +95,8 @@ class AttributionProblem:
 
     @classmethod
     def from_data(cls, X: torch.Tensor, y: torch.Tensor, num_classes: int, lam: float,
-                  alpha: Optional[torch.Tensor] = None, tol: float = 1e-10, max_iter: int = 200,
-                  W0: Optional[torch.Tensor] = None) -> "AttributionProblem":
+                  alpha: Optional[torch.Tensor] = None, grad_tol: Optional[float] = None, max_iter: int = 200,
+                  W0: Optional[torch.Tensor] = None, tol: Optional[float] = None) -> "AttributionProblem":
         r"""Fit :math:`W^* = \arg\min_W F(W,\alpha)` by Newton (:func:`~reweight.head.solve_head`).
 
         Args:
@@ -140,7 +105,8 @@ class AttributionProblem:
             num_classes: ``K``.
             lam: :math:`\lambda > 0`.
             alpha: ``(n,)`` weights (default ones).
-            tol: gradient-norm tolerance of the solve (use float64 and ``1e-10`` for LOO ground truth).
+            grad_tol: gradient-norm tolerance of the solve (default ``1e-10``: with float64, LOO ground
+                truth; ``tol`` is its deprecated name).
 
         Raises:
             ConfigError: if ``lam`` is not > 0.
@@ -149,11 +115,11 @@ class AttributionProblem:
         lam = check_lam(lam, "AttributionProblem.from_data")
         inner = HeadObjective(X, y, num_classes, lam)
         a = torch.ones(inner.n, dtype=X.dtype, device=X.device) if alpha is None else alpha.to(X.dtype)
-        sol = solve_head(inner, a, W0=W0, tol=tol, max_iter=max_iter)
+        grad_tol = renamed_option(grad_tol, tol, "tol", "grad_tol", "AttributionProblem.from_data", 1e-10)
+        sol = solve_head(inner, a, W0=W0, grad_tol=grad_tol, max_iter=max_iter)
         return cls(inner=inner, alpha=a, W=sol.W, grad_norm=sol.grad_norm)
 
     def __post_init__(self) -> None:
-        check_lam(self.inner.lam, "AttributionProblem")
         self.inner.check_alpha(self.alpha)
         if self.W.shape != self.inner.shape:
             raise DataError(f"Expected W of shape {self.inner.shape}, but got {tuple(self.W.shape)}.")
@@ -170,7 +136,7 @@ class AttributionProblem:
 
     @property
     def D(self) -> int:
-        return self.inner.X.shape[1]
+        return self.inner.shape[1]
 
     @property
     def lam(self) -> float:

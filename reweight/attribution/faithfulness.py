@@ -37,7 +37,7 @@ def _conf(W: torch.Tensor, x: torch.Tensor, y: int) -> tuple:
 
 def faithfulness(problem: AttributionProblem, scores: torch.Tensor, X_query: torch.Tensor, y_query: torch.Tensor,
                  ks: Sequence[int] = (1, 5, 10, 20, 50), modes: Sequence[str] = ("remove", "keep"),
-                 n_random: int = 3, seed: int = 0, tol: float = 1e-8) -> List[Dict[str, Any]]:
+                 n_random: int = 3, seed: int = 0, grad_tol: float = 1e-8) -> List[Dict[str, Any]]:
     """Confidence/accuracy of each query after removing / keeping only its top-K or K random samples.
 
     Args:
@@ -81,10 +81,10 @@ def faithfulness(problem: AttributionProblem, scores: torch.Tensor, X_query: tor
                     if mode == "remove":
                         a = problem.alpha.clone()
                         a[idx] = 0.0
-                        W = solve_head(inner, a, W0=problem.W, tol=tol).W
+                        W = solve_head(inner, a, W0=problem.W, grad_tol=grad_tol).W
                     else:
                         sub = HeadObjective(inner.X[idx], inner.y[idx], problem.K, problem.lam)
-                        W = solve_head(sub, problem.alpha[idx].clone(), tol=tol).W
+                        W = solve_head(sub, problem.alpha[idx].clone(), grad_tol=grad_tol).W
                     c, acc = _conf(W, x, y)
                     rows.append({"query": q, "mode": mode, "k": k, "selection": sel, "conf": c, "acc": acc,
                                  "conf_full": c0, "acc_full": a0, "d_conf": c - c0})

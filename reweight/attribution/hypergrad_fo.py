@@ -23,21 +23,11 @@ from typing import Any, ClassVar, Dict
 
 import torch
 
-from ..data import check_features, check_labels
 from ..hypergrad import BilevelProblem, make_method
 from ..weights import WeightModel
 from .base import ATTRIBUTION, AttributionMethod, AttributionProblem
 
 __all__ = ["HypergradCG", "HypergradExact", "HypergradFirstOrder"]
-
-
-class _TargetProblem(BilevelProblem):
-    """A :class:`~reweight.hypergrad.BilevelProblem` whose "validation set" may miss classes (one query)."""
-
-    def __post_init__(self) -> None:
-        check_features(self.X_val, "target features", dim=self.inner.X.shape[1])
-        check_labels(self.y_val, self.inner.K, "target labels", n=self.X_val.shape[0], require_all_classes=False)
-        self.y_val = self.y_val.to(self.X_val.device)
 
 
 @dataclass
@@ -59,7 +49,7 @@ class HypergradFirstOrder(AttributionMethod):
 
     def _one(self, X: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         pr = self.problem
-        tp = _TargetProblem(pr.inner, X, y, self._weights)
+        tp = BilevelProblem(pr.inner, X, y, self._weights, all_classes=False)
         vag = self._method.val_alpha_grad(tp, pr.W, pr.alpha)
         return -pr.alpha * vag.grad_alpha
 
@@ -84,5 +74,5 @@ class HypergradCG(HypergradFirstOrder):
     """First-order LOO prediction from the ``cg`` hypergradient (CG implicit differentiation)."""
 
     method: str = "cg"
-    options: Dict[str, Any] = field(default_factory=lambda: {"tol": 1e-8, "max_iter": 1000})
+    options: Dict[str, Any] = field(default_factory=lambda: {"rtol": 1e-8, "max_iter": 1000})
     name: ClassVar[str] = "hypergrad_cg"

@@ -31,11 +31,12 @@ Reference:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Dict
+from typing import Any, ClassVar, Dict, Optional
 
 import torch
 
 from ..errors import ConfigError
+from ..validate import check_int, check_number, renamed_field
 from .base import ATTRIBUTION, AttributionMethod, AttributionProblem, loss_change_from_v, target_gradients
 
 __all__ = ["InfluenceCG", "InfluenceDiagGGN", "InfluenceExact", "InfluenceKFAC"]
@@ -85,17 +86,19 @@ class InfluenceCG(_Influence):
     r"""Influence with :math:`V = H^{-1}B` by conjugate gradients (:meth:`reweight.head.HeadHessian.solve`).
 
     Args:
-        tol: relative residual :math:`\|HV-B\|/\|B\|` at which CG stops.
+        rtol: relative residual :math:`\|HV-B\|/\|B\|` at which CG stops (``tol`` is its deprecated name).
         max_iter: HVP budget per target.
     """
 
-    tol: float = 1e-8
+    rtol: float = 1e-8
     max_iter: int = 1000
+    tol: Optional[float] = None
     name: ClassVar[str] = "influence_cg"
 
     def __post_init__(self) -> None:
-        if not self.tol > 0:
-            raise ConfigError(f"The 'tol' parameter of InfluenceCG must be > 0. Got {self.tol!r} instead.")
+        renamed_field(self, "tol", "rtol", "influence_cg")
+        check_number(self.rtol, "rtol", "influence_cg", low=0.0, low_open=True)
+        check_int(self.max_iter, "max_iter", "influence_cg", minimum=1)
 
     def _fit(self, problem: AttributionProblem) -> None:
         self._H = problem.inner.hessian(problem.W, problem.alpha)
@@ -104,7 +107,7 @@ class InfluenceCG(_Influence):
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
         out = []
         for b in B:
-            res = self._H.solve(b, method="cg", tol=self.tol, max_iter=self.max_iter)
+            res = self._H.solve(b, method="cg", rtol=self.rtol, max_iter=self.max_iter)
             self.hvps += res.hvps
             self.max_rel_residual = max(self.max_rel_residual, res.rel_residual)
             out.append(res.x)

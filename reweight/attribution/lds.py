@@ -68,7 +68,7 @@ class SubsetOutputs:
 
 def subset_outputs(problem: AttributionProblem, masks: torch.Tensor, X_val: Optional[torch.Tensor] = None,
                    y_val: Optional[torch.Tensor] = None, X_query: Optional[torch.Tensor] = None,
-                   y_query: Optional[torch.Tensor] = None, tol: float = 1e-8) -> SubsetOutputs:
+                   y_query: Optional[torch.Tensor] = None, grad_tol: float = 1e-8) -> SubsetOutputs:
     r"""Retrain the head on each subset (:math:`\alpha` masked, warm start :math:`W^*`) and record the losses.
 
     Raises:
@@ -90,7 +90,7 @@ def subset_outputs(problem: AttributionProblem, masks: torch.Tensor, X_val: Opti
     t0 = time.perf_counter()
     val, query = [], []
     for mask in masks:
-        W = solve_head(inner, problem.alpha * mask.to(dev, dt), W0=problem.W, tol=tol).W
+        W = solve_head(inner, problem.alpha * mask.to(dev, dt), W0=problem.W, grad_tol=grad_tol).W
         if sets[0] is not None:
             val.append(float(ce(sets[0][0] @ W.T, sets[0][1])))
         if sets[1] is not None:

@@ -39,7 +39,8 @@ import torch
 
 from ..errors import ConfigError, DataError
 from ..head import solve_head
-from .base import AttributionProblem, check_indices, check_queries
+from ..validate import check_indices, check_number, renamed_option
+from .base import AttributionProblem, check_queries
 
 __all__ = ["LOOResult", "exact_loo", "retrain"]
 
@@ -81,19 +82,20 @@ class LOOResult:
 
 def exact_loo(problem: AttributionProblem, subset, X_val: Optional[torch.Tensor] = None,
               y_val: Optional[torch.Tensor] = None, X_query: Optional[torch.Tensor] = None,
-              y_query: Optional[torch.Tensor] = None, tol: float = 1e-10, max_iter: int = 100,
+              y_query: Optional[torch.Tensor] = None, grad_tol: Optional[float] = None, max_iter: int = 100,
               warm_start: Literal["newton_step", "optimum", "none"] = "newton_step",
               newton_system: Literal["auto", "dense", "cg"] = "auto", chord_steps: int = 8,
-              block_size: int = 64, progress: bool = False) -> LOOResult:
+              block_size: int = 64, progress: bool = False, tol: Optional[float] = None) -> LOOResult:
     r"""Retrain without each sample of ``subset`` (module docstring) and measure the changes.
 
     Args:
-        problem: the trained head; ``problem.W`` must be its optimum to about ``tol``.
+        problem: the trained head; ``problem.W`` must be its optimum to about ``grad_tol``.
         subset: ``(m,)`` distinct training indices in ``0..n-1``.
         X_val, y_val: ``(m_val, D)``, ``(m_val,)`` validation set for :math:`\Delta_i` (optional).
         X_query, y_query: ``(Q, D)``, ``(Q,)`` queries for per-query changes (optional).
-        tol: gradient-norm tolerance of every solve (float64 with ``1e-10`` gives ~1e-10 accuracy
-            in :math:`W`, far below the :math:`\Delta_i` it measures).
+        grad_tol: gradient-norm tolerance of every solve (default ``1e-10``: float64 with ``1e-10`` gives
+            ~1e-10 accuracy in :math:`W`, far below the :math:`\Delta_i` it measures; ``tol`` is its
+            deprecated name).
         max_iter: Newton iteration cap.
         warm_start: ``newton_step``, ``optimum`` or ``none`` (from scratch).
         newton_system: passed to :func:`~reweight.head.solve_head`.
@@ -102,12 +104,12 @@ def exact_loo(problem: AttributionProblem, subset, X_val: Optional[torch.Tensor]
             ``newton_step`` start, vectorised over blocks of ``block_size`` left-out samples (each
             step costs one gradient and one mat-vec with the inverse full Hessian; they contract by
             a factor :math:`O(\alpha_i\|g_i\|\|h_i\|^2/(\lambda n))`). ``solve_head`` then certifies
-            (and if needed finishes) convergence to ``tol``.
+            (and if needed finishes) convergence to ``grad_tol``.
 
     Raises:
         DataError: for indices out of range or duplicated, or validation/query features of the
             wrong width (bias column included).
-        ConfigError: for an unknown ``warm_start`` or ``tol <= 0``.
+        ConfigError: for an unknown ``warm_start`` or a ``grad_tol`` that is not a finite number > 0.
     """
     from tqdm.auto import tqdm
 
@@ -115,8 +117,9 @@ def exact_loo(problem: AttributionProblem, subset, X_val: Optional[torch.Tensor]
     if warm_start not in ("newton_step", "optimum", "none"):
         raise ConfigError(f"The 'warm_start' parameter of exact_loo must be one of 'newton_step', 'optimum', 'none'. "
                           f"Got {warm_start!r} instead.")
-    if not tol > 0:
-        raise ConfigError(f"The 'tol' parameter of exact_loo must be > 0. Got {tol!r} instead.")
+    grad_tol = renamed_option(grad_tol, tol, "tol", "grad_tol", "exact_loo", 1e-10)
+    check_number(grad_tol, "grad_tol", "exact_loo", low=0.0, low_open=True)
+    tol = grad_tol
     for Xs, ys, what in ((X_val, y_val, "validation"), (X_query, y_query, "query")):
         if (Xs is None) != (ys is None):
             raise DataError(f"exact_loo needs both {what} features and labels, or neither.")
@@ -172,12 +175,12 @@ def exact_loo(problem: AttributionProblem, subset, X_val: Optional[torch.Tensor]
                 W0 = starts[jj]
             else:  # large head: the Newton step from W* by CG on the full Hessian
                 b = (alpha[i] / problem.n) * G[i][:, None] * inner.X[i][None, :]  # -grad F_{-i}(W*)
-                W0 = W_star + H.solve(b, method="cg", tol=1e-6).x
+                W0 = W_star + H.solve(b, method="cg", rtol=1e-6).x
             if start_gn is not None and float(start_gn[jj]) <= tol:
                 # already certified: the batched polish computed this sample's exact ||grad F_{-i}||
                 W_i, iters[j], conv[j], gns[j] = W0, 0, True, float(start_gn[jj])
             else:
-                sol = solve_head(inner, a, W0=W0, tol=tol, max_iter=max_iter, newton_system=newton_system)
+                sol = solve_head(inner, a, W0=W0, grad_tol=tol, max_iter=max_iter, newton_system=newton_system)
                 W_i, iters[j], conv[j], gns[j] = sol.W, sol.iters, sol.converged, sol.grad_norm
             secs[j] = time.perf_counter() - t1 + t_start
             if X_val is not None:
@@ -190,21 +193,9 @@ def exact_loo(problem: AttributionProblem, subset, X_val: Optional[torch.Tensor]
         bar.update(blk.numel())
     bar.close()
     if not bool(conv.all()):
-        log.warning("exact_loo: %d of %d leave-one-out solves did not reach tol=%.3g.", int((~conv).sum()), m, tol)
+        log.warning("exact_loo: %d of %d leave-one-out solves did not reach grad_tol=%.3g.", int((~conv).sum()), m, tol)
     return LOOResult(subset=idx, delta_val=d_val, delta_query=d_q, delta_logits=d_z, iters=iters, seconds=secs,
                      converged=conv, grad_norm=gns, setup_seconds=setup, warm_start=warm_start)
-
-
-def _batched_grad(inner, W: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
-    r""":math:`\nabla_W F(W_b, A_{:,b})` for a batch of heads ``W`` ``(B, K, D)`` and weights ``A`` ``(n, B)``."""
-    B, K, D = W.shape
-    n = inner.X.shape[0]
-    P = (inner.X @ W.reshape(B * K, D).T).view(n, B, K)
-    P = P.sub_(P.amax(dim=2, keepdim=True)).exp_()  # softmax over K, in place (torch.softmax is ~4x slower
-    P = P.div_(P.sum(dim=2, keepdim=True))           # on a short last axis on CPU)
-    P[torch.arange(n, device=P.device), :, inner.y] -= 1.0
-    P.mul_(A[:, :, None])
-    return (P.reshape(n, B * K).T @ inner.X).reshape(B, K, D).div_(inner.n).add_(W, alpha=inner.lam)
 
 
 def _batched_starts(inner, alpha: torch.Tensor, W_star: torch.Tensor, G: torch.Tensor, Hinv: torch.Tensor,
@@ -224,7 +215,7 @@ def _batched_starts(inner, alpha: torch.Tensor, W_star: torch.Tensor, G: torch.T
     A[blk, torch.arange(B)] = 0.0
     rhs = (alpha[blk] / inner.n)[:, None, None] * G[blk][:, :, None] * inner.X[blk][:, None, :]
     W = W_star[None] + (rhs.reshape(B, -1) @ Hinv).reshape(B, K, D)
-    g = _batched_grad(inner, W, A)
+    g = inner.grad_batch(W, A)
     gn = torch.linalg.vector_norm(g.reshape(B, -1), dim=1)
     stalled = torch.zeros(B, dtype=torch.bool)
     for _ in range(steps):
@@ -232,7 +223,7 @@ def _batched_starts(inner, alpha: torch.Tensor, W_star: torch.Tensor, G: torch.T
         if act.numel() == 0:
             break
         W_new = W[act] - (g[act].reshape(act.numel(), -1) @ Hinv).reshape(-1, K, D)
-        g_new = _batched_grad(inner, W_new, A[:, act])
+        g_new = inner.grad_batch(W_new, A[:, act])
         gn_new = torch.linalg.vector_norm(g_new.reshape(act.numel(), -1), dim=1)
         better = gn_new < gn[act]
         stalled[act[~better]] = True  # no longer contracting: leave it to solve_head's Newton
@@ -241,6 +232,6 @@ def _batched_starts(inner, alpha: torch.Tensor, W_star: torch.Tensor, G: torch.T
     return W, gn
 
 
-def retrain(problem: AttributionProblem, alpha: torch.Tensor, tol: float = 1e-8, max_iter: int = 100) -> torch.Tensor:
+def retrain(problem: AttributionProblem, alpha: torch.Tensor, grad_tol: float = 1e-8, max_iter: int = 100) -> torch.Tensor:
     r""":math:`\arg\min_W F(W, \alpha)` for new weights, warm-started at ``problem.W``, ``(K, D)``."""
-    return solve_head(problem.inner, alpha, W0=problem.W, tol=tol, max_iter=max_iter).W
+    return solve_head(problem.inner, alpha, W0=problem.W, grad_tol=grad_tol, max_iter=max_iter).W

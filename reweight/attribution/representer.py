@@ -26,8 +26,9 @@ from typing import ClassVar, Optional
 import torch
 
 from ..errors import DataError
-from .base import (ATTRIBUTION, AttributionMethod, AttributionProblem, check_lam, check_queries, check_top_k,
-                   loss_change_from_v, target_gradients)
+from ..head import representer_values
+from ..validate import check_top_k
+from .base import ATTRIBUTION, AttributionMethod, AttributionProblem, check_queries, loss_change_from_v, target_gradients
 
 __all__ = [
     "Representer",
@@ -37,23 +38,6 @@ __all__ = [
     "representer_logits",
     "representer_values",
 ]
-
-
-def representer_values(G: torch.Tensor, alpha: torch.Tensor, lam: float, n: Optional[int] = None) -> torch.Tensor:
-    r"""Representer values :math:`r_i = -\alpha_i g_i/(\lambda n)`, ``(n, K)``.
-
-    Args:
-        G: ``(n, K)`` residuals :math:`g_i = p_i - e_{y_i}` at the optimum.
-        alpha: ``(n,)`` sample weights.
-        lam: :math:`\lambda > 0`.
-        n: the ``n`` of :math:`F`'s ``1/n`` (default ``G.shape[0]``).
-
-    Raises:
-        ConfigError: if ``lam`` is not > 0.
-    """
-    lam = check_lam(lam, "representer_values")
-    n = int(G.shape[0] if n is None else n)
-    return -(alpha[:, None] * G) / (lam * n)
 
 
 def representer_contributions(problem: AttributionProblem, X_query: torch.Tensor,

@@ -24,8 +24,8 @@ from typing import ClassVar, List, Literal, Optional
 
 import torch
 
-from ..errors import ConfigError
-from ..head import HeadObjective
+from ..head import HeadObjective, batch_grad
+from ..validate import check_choice, check_int, check_number
 from ..seeding import torch_generator
 from .base import ATTRIBUTION, AttributionMethod, AttributionProblem, bilinear_scores, target_gradients
 
@@ -60,15 +60,11 @@ def sgd_head(inner: HeadObjective, alpha: torch.Tensor, epochs: int = 10, lr: fl
     Raises:
         ConfigError: for a non-positive ``epochs``, ``lr`` or ``batch_size`` or an unknown schedule.
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
-        raise ConfigError(f"The 'epochs' parameter of sgd_head must be an int >= 1. Got {epochs!r} instead.")
-    if not lr > 0:
-        raise ConfigError(f"The 'lr' parameter of sgd_head must be > 0. Got {lr!r} instead.")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ConfigError(f"The 'batch_size' parameter of sgd_head must be an int >= 1. Got {batch_size!r} instead.")
-    if schedule not in ("constant", "linear"):
-        raise ConfigError(f"The 'schedule' parameter of sgd_head must be 'constant' or 'linear'. Got {schedule!r} instead.")
-    X, Y, n = inner.X, inner.Y, inner.n
+    check_int(epochs, "epochs", "sgd_head", minimum=1)
+    check_number(lr, "lr", "sgd_head", low=0.0, low_open=True)
+    check_int(batch_size, "batch_size", "sgd_head", minimum=1)
+    check_choice(schedule, "schedule", "sgd_head", ("constant", "linear"))
+    X, y, n = inner.X, inner.y, inner.n
     W = torch.zeros(inner.shape, dtype=X.dtype, device=X.device) if W0 is None else W0.detach().clone()
     g = torch_generator(seed, "tracin_sgd")
     cks, lrs, losses = [], [], []
@@ -77,9 +73,7 @@ def sgd_head(inner: HeadObjective, alpha: torch.Tensor, epochs: int = 10, lr: fl
         perm = torch.randperm(n, generator=g).to(X.device)
         for lo in range(0, n, batch_size):
             b = perm[lo:lo + batch_size]
-            Xb = X[b]
-            G = torch.softmax(Xb @ W.T, dim=1) - Y[b]
-            W = W - eta * ((alpha[b, None] * G).T @ Xb / b.numel() + inner.lam * W)
+            W = W - eta * batch_grad(W, X[b], y[b], alpha[b], inner.lam, b.numel())
         cks.append(W.clone())
         lrs.append(eta)
         losses.append(float(inner.loss(W, alpha)))

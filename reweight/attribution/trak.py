@@ -26,12 +26,12 @@ Reference:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar, List
+from typing import ClassVar, List, Optional
 
 import torch
 
-from ..errors import ConfigError
 from ..head import solve_head
+from ..validate import check_int, check_number, renamed_field
 from ..seeding import numpy_rng, torch_generator
 from .base import ATTRIBUTION, AttributionMethod, AttributionProblem
 
@@ -68,7 +68,7 @@ class TRAK(AttributionMethod):
         subset_fraction: fraction of the training set each head is trained on, in (0, 1].
         seed: root seed of the ``trak_subset_m`` and ``trak_proj_m`` streams.
         damping: ridge :math:`\epsilon` relative to the mean diagonal of :math:`\Phi^\top\Phi`.
-        tol: gradient-norm tolerance of each head's Newton solve.
+        grad_tol: gradient-norm tolerance of each head's Newton solve (``tol`` is its deprecated name).
     """
 
     proj_dim: int = 256
@@ -76,17 +76,17 @@ class TRAK(AttributionMethod):
     subset_fraction: float = 0.5
     seed: int = 0
     damping: float = 1e-6
-    tol: float = 1e-8
+    grad_tol: float = 1e-8
+    tol: Optional[float] = None
     name: ClassVar[str] = "trak"
 
     def __post_init__(self) -> None:
-        if isinstance(self.proj_dim, bool) or not isinstance(self.proj_dim, int) or self.proj_dim < 1:
-            raise ConfigError(f"The 'proj_dim' parameter of TRAK must be an int >= 1. Got {self.proj_dim!r} instead.")
-        if isinstance(self.n_models, bool) or not isinstance(self.n_models, int) or self.n_models < 1:
-            raise ConfigError(f"The 'n_models' parameter of TRAK must be an int >= 1. Got {self.n_models!r} instead.")
-        if not 0 < self.subset_fraction <= 1:
-            raise ConfigError(f"The 'subset_fraction' parameter of TRAK must be in (0, 1]. "
-                              f"Got {self.subset_fraction!r} instead.")
+        renamed_field(self, "tol", "grad_tol", "TRAK")
+        check_int(self.proj_dim, "proj_dim", "TRAK", minimum=1)
+        check_int(self.n_models, "n_models", "TRAK", minimum=1)
+        check_number(self.subset_fraction, "subset_fraction", "TRAK", low=0.0, high=1.0, low_open=True)
+        check_number(self.damping, "damping", "TRAK", low=0.0)
+        check_number(self.grad_tol, "grad_tol", "TRAK", low=0.0, low_open=True)
 
     def _fit(self, problem: AttributionProblem) -> None:
         inner, n, K, D = problem.inner, problem.n, problem.K, problem.D
@@ -98,7 +98,7 @@ class TRAK(AttributionMethod):
                 a = problem.alpha * keep.to(dev, dt) / self.subset_fraction
             else:
                 a = problem.alpha
-            W = solve_head(inner, a, W0=problem.W, tol=self.tol).W
+            W = solve_head(inner, a, W0=problem.W, grad_tol=self.grad_tol).W
             P = torch.randn(self.proj_dim, K, D, generator=torch_generator(self.seed, f"trak_proj_{m}"),
                             dtype=torch.float64).to(dev, dt) / self.proj_dim ** 0.5
             Phi = project_gradients(inner.X, margin_gradient_factors(W, inner.X, inner.y), P)  # (n, k)
