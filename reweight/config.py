@@ -297,7 +297,8 @@ class RunConfig:
     def __post_init__(self) -> None:
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
-            raise ConfigError(f"The 'stages' parameter must be a list of stages with unique names. Got {names!r} instead.")
+            raise ConfigError(f"The 'stages' parameter must be a list of stages with unique names. "
+                              f"Got {names!r} instead.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -398,12 +399,30 @@ def migrate_legacy_keys(cls: type, data: Mapping[str, Any]) -> Dict[str, Any]:
             raise ConfigError(f"The config sets both the old key '{old}' and '{new}'. Expected only '{new}'.")
         out[section] = {**node, key: out.pop(old)}
         moved.append(f"{old} -> {new}")
+    _warn_legacy(cls, moved)
+    return out
+
+
+def _migrate_legacy_overrides(cls: type, overrides: Sequence[str]) -> List[str]:
+    """Rewrite ``old=value`` overrides of ``cls.LEGACY_KEYS`` as ``new.dotted=value`` (so they override the file)."""
+    legacy: Mapping[str, str] = getattr(cls, "LEGACY_KEYS", {})
+    out, moved = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        new = legacy.get(key.strip()) if sep else None
+        out.append(f"{new}={raw}" if new else item)
+        if new:
+            moved.append(f"{key.strip()} -> {new}")
+    _warn_legacy(cls, moved)
+    return out
+
+
+def _warn_legacy(cls: type, moved: Sequence[str]) -> None:
     if moved:
         msg = (f"Deprecated config keys of the former StagedRunConfig, read as their {cls.__name__} equivalents: "
                f"{', '.join(moved)}. Rename them in the config file or override.")
-        warnings.warn(msg, DeprecationWarning, stacklevel=3)
+        warnings.warn(msg, DeprecationWarning, stacklevel=4)
         log.warning(msg)
-    return out
 
 
 def from_dict(cls: Type[C], data: Mapping[str, Any] | None, _prefix: str = "") -> C:
@@ -474,7 +493,11 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Type[C] = RunConfig) -> C:
-    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
+    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides.
+
+    Old keys of ``cls.LEGACY_KEYS`` (the former ``StagedRunConfig``'s, for :class:`RunConfig`) are read
+    at their new place, in the file and in the overrides, with a deprecation message.
+    """
     data: Dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -483,5 +506,5 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Typ
         loaded = _yaml_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {str(p)!r} must hold a mapping at top level.")
-        data = loaded
-    return from_dict(cls, apply_overrides(data, overrides))
+        data = migrate_legacy_keys(cls, loaded)
+    return from_dict(cls, apply_overrides(data, _migrate_legacy_overrides(cls, overrides)))

@@ -29,10 +29,8 @@ from .freeze import (FreezeError, FreezeReport, block_groups, canonicalize_bn, c
 from .optim import build_optimizer, build_scheduler, param_groups, zero_mult_names
 from .train import StageResult, StageSetup, configure_stage, model_accuracy, train_stage, warmup, weighted_ce
 
-# Former private names, kept for modules that still use them (reweight.imagefolder).
+# The former private name that reweight.imagefolder still imports (now public as model_in_chans).
 _in_chans = model_in_chans
-_check_model_name = check_model_name
-_canonicalize_bn = canonicalize_bn
 
 __all__ = [
     "FreezeError",
