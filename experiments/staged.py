@@ -10,10 +10,13 @@ MNIST-5k with 40% symmetric label noise, timm ``test_resnet`` (random init; no n
 (c) ``c_gradual``     warm-up -> head -> + last block -> + last 2 blocks -> all, decreasing lr;
 (d) ``d_full``        full fine-tuning with uniform weights.
 
-Staged strategies share the epoch budget (8) and the rule "restore the best clean-validation epoch at
-the end of each stage". Writes one run directory per strategy and seed under ``--out`` (metrics.jsonl
-per epoch, checkpoints per stage, summary.json, DONE), ``results.csv`` (one row per run),
-``results.md`` (mean and std over seeds) and the figure ``staged_curves.{pdf,png}``.
+Every strategy is one :class:`reweight.config.RunConfig` (one schema): (a) has no ``stages`` and runs
+the main job, the others list their stages and run :func:`reweight.staging.run_staged`; dotted
+overrides apply to every strategy alike. Staged strategies share the epoch budget (8) and the rule
+"restore the best clean-validation epoch at the end of each stage". Writes one run directory per
+strategy and seed under ``--out`` (metrics.jsonl per epoch, checkpoints per stage, summary.json,
+DONE), ``results.csv`` (one row per run), ``results.md`` (mean and std over seeds) and the figure
+``staged_curves.{pdf,png}``.
 
 Usage::
 
@@ -33,10 +36,9 @@ import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-import yaml
-
-from reweight.config import RunConfig, apply_overrides, from_dict
+from reweight.config import RunConfig, from_dict, load_config, to_dict
 from reweight.errors import CarrotError
+from reweight.staging import run_staged
 
 __all__ = ["STRATEGIES", "main", "run_study"]
 
@@ -57,36 +59,28 @@ LABELS = {
     "c_gradual": "(c) gradual unfreezing",
     "d_full": "(d) full fine-tuning, uniform",
 }
-SHARED = {"seed", "device", "data", "head", "weights", "hypergrad", "outer"}
 
 
-def _quick(d: Dict[str, Any], staged: bool) -> Dict[str, Any]:
+def _quick(d: Dict[str, Any]) -> Dict[str, Any]:
     d = dict(d)
     d["data"] = dict(d.get("data", {}), dataset="digits")
     d["outer"] = dict(d.get("outer", {}), steps=10)
-    if staged:
+    if d.get("stages"):
         d["stages"] = [dict(s, epochs=min(int(s.get("epochs", 1)), 1)) for s in d["stages"]]
     else:
         d["backbone"] = dict(d.get("backbone", {}), epochs=2, patience=1)
     return d
 
 
-def _load(strategy: str, seed: int, out: Path, quick: bool, overrides: Sequence[str]):
-    from reweight.staging import StagedRunConfig
-
-    path = CONFIGS / STRATEGIES[strategy]
-    d = yaml.safe_load(path.read_text()) or {}
-    staged = strategy != "a_head_only"
-    mine = [o for o in overrides if staged or o.split("=", 1)[0].split(".")[0] in SHARED]
-    d = apply_overrides(d, list(mine) + [f"seed={seed}"])
+def _load(strategy: str, seed: int, out: Path, quick: bool, overrides: Sequence[str]) -> RunConfig:
+    """The strategy's RunConfig: its YAML, then the overrides (the same for every strategy), then --quick."""
+    d = to_dict(load_config(CONFIGS / STRATEGIES[strategy], list(overrides) + [f"seed={seed}"]))
     if quick:
-        d = _quick(d, staged)
+        d = _quick(d)
     d["name"] = f"{strategy}_s{seed}"
     d["out_dir"] = str(out)
-    if not staged:
-        d.setdefault("features", {})
-        d["features"] = dict(d["features"], cache_dir=str(out / ".feature_cache"))
-    return from_dict(StagedRunConfig if staged else RunConfig, d)
+    d["features"] = dict(d.get("features", {}), cache_dir=str(out / ".feature_cache"))
+    return from_dict(RunConfig, d)
 
 
 def _head_only(cfg: RunConfig, overwrite: bool, progress: bool) -> Dict[str, Any]:
@@ -115,9 +109,7 @@ def _head_only(cfg: RunConfig, overwrite: bool, progress: bool) -> Dict[str, Any
     }
 
 
-def _staged(cfg, overwrite: bool, progress: bool) -> Dict[str, Any]:
-    from reweight.staging import run_staged
-
+def _staged(cfg: RunConfig, overwrite: bool, progress: bool) -> Dict[str, Any]:
     t0 = time.perf_counter()
     out = run_staged(cfg, overwrite=overwrite, progress=progress)
     s = out.summary
@@ -168,7 +160,7 @@ def run_study(out: Path, seeds: Sequence[int], strategies: Sequence[str], quick:
     rows: List[Dict[str, Any]] = []
     for (st, sd), cfg in cfgs.items():
         log.info("strategy %s seed %d", st, sd)
-        res = _head_only(cfg, overwrite, progress) if st == "a_head_only" else _staged(cfg, overwrite, progress)
+        res = _staged(cfg, overwrite, progress) if cfg.stages else _head_only(cfg, overwrite, progress)
         rows.append({"strategy": st, "seed": sd, "run_dir": str(out / cfg.name), **res})
         print(f"{st:14s} seed {sd}: test acc {res['test_acc']:.4f}  auroc "
               f"{'--' if res['weights_auroc'] is None else format(res['weights_auroc'], '.3f')}  "

@@ -5,6 +5,12 @@ metadata. :func:`from_dict` builds a config from plain data and refuses unknown 
 valid ones), wrong types (naming the expected type) and out-of-range values (naming the range).
 :func:`apply_overrides` applies ``section.key=value`` strings (values parsed as YAML).
 
+One schema: :class:`RunConfig` describes every run. Its ``stages`` (a list of :class:`StageConfig`)
+are empty for the head-only main job (warm-up + frozen features) and hold the schedule of a staged
+run (:func:`reweight.staging.run_staged`). An old staged-run YAML (the former ``StagedRunConfig``,
+with top-level ``model``, ``pretrained_file``, ``batch_size``, ``eval_batch_size``, ``standardize``)
+still loads, with a :class:`DeprecationWarning` naming where each key moved.
+
 Example:
     >>> cfg = load_config(None, ["head.lam=0.01", "outer.steps=5"])
     >>> cfg.head.lam, cfg.outer.steps
@@ -16,11 +22,13 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import logging
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Literal, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequence, Type, TypeVar
 
 import yaml
 
@@ -34,16 +42,20 @@ __all__ = [
     "HypergradConfig",
     "OuterConfig",
     "RunConfig",
+    "StageConfig",
     "WeightsConfig",
     "apply_overrides",
     "config_hash",
     "from_dict",
     "help_field",
     "load_config",
+    "migrate_legacy_keys",
     "to_dict",
 ]
 
 C = TypeVar("C")
+
+log = logging.getLogger(__name__)
 
 
 class _Loader(yaml.SafeLoader):
@@ -124,6 +136,59 @@ class BackboneConfig:
         _check(self.lr > 0, "backbone", "lr", self.lr, "> 0")
         _check(self.weight_decay >= 0, "backbone", "weight_decay", self.weight_decay, ">= 0")
 
+    def warmup_stage(self) -> "StageConfig":
+        """The warm-up as a one-stage schedule for :func:`reweight.backbones.train_stage`.
+
+        Every parameter trains with AdamW at ``lr`` and weight decay ``weight_decay`` on **all**
+        parameters (biases and norm weights included), on plain cross-entropy; early stopping after
+        ``patience`` epochs without a new best clean-validation accuracy, never before
+        ``min_epochs``; the best epoch is restored.
+        """
+        return StageConfig(name="warmup", trainable=["all"], lr=self.lr, epochs=self.epochs, optimizer="adamw",
+                           weight_decay=self.weight_decay, decay_norm_bias=True, patience=self.patience,
+                           min_epochs=self.min_epochs, restore_best=True)
+
+
+@dataclass(frozen=True)
+class StageConfig:
+    """One training stage of a backbone: what trains, how fast, with which loss, BatchNorm mode and stop rule."""
+
+    name: str = _f("stage", "stage name (unique within a run)")
+    trainable: List[str] = _f(["all"], "selectors of trainable parameters: all, head, last:N, group:I, stage:I, re:P, globs")
+    frozen: List[str] = _f([], "selectors removed from the trainable set")
+    lr: float = _f(1e-3, "base learning rate")
+    lr_mult: Dict[str, float] = _f({}, "selector -> lr multiplier (first match wins; 0 = frozen and excluded)")
+    epochs: int = _f(1, "epochs of this stage (the most, with early stopping)")
+    loss: Literal["ce", "reweighted"] = _f("ce", "ce, or reweighted (weights alpha learned by the bilevel engine)")
+    bn: Literal["frozen", "eval", "train"] = _f("frozen", "BatchNorm mode: frozen (frozen BN -> FrozenBatchNorm2d), eval, train")
+    optimizer: Literal["adamw", "sgd"] = _f("adamw", "optimizer, rebuilt at the start of the stage")
+    momentum: float = _f(0.9, "SGD momentum")
+    weight_decay: float = _f(0.0, "decoupled/SGD weight decay on weights with ndim >= 2 (see decay_norm_bias)")
+    decay_norm_bias: bool = _f(False, "also decay biases and norm weights")
+    head_l2: float = _f(0.0, "strict L2 (lambda_h/2)||theta_head||^2 added to the loss")
+    schedule: Literal["constant", "cosine"] = _f("constant", "per-epoch lr schedule inside the stage")
+    recompute_every: int = _f(1, "reweighted stages: recompute features and weights every E epochs (0 = once)")
+    restore_best: bool = _f(False, "at the end of the stage restore the epoch with the best clean-validation accuracy")
+    patience: Optional[int] = _f(None, "early stopping: stop after this many epochs without a new best "
+                                 "clean-validation accuracy (None = run every epoch)")
+    min_epochs: int = _f(0, "early stopping cannot stop the stage before this many epochs")
+
+    def __post_init__(self) -> None:
+        w = f"stages[{self.name}]"
+        _check(bool(self.name), w, "name", self.name, "a non-empty string")
+        _check(len(self.trainable) > 0, w, "trainable", self.trainable, "a non-empty list of selectors")
+        _check(self.lr > 0, w, "lr", self.lr, "> 0")
+        _check(self.epochs >= 0, w, "epochs", self.epochs, ">= 0")
+        _check(0 <= self.momentum < 1, w, "momentum", self.momentum, "in [0, 1)")
+        _check(self.weight_decay >= 0, w, "weight_decay", self.weight_decay, ">= 0")
+        _check(self.head_l2 >= 0, w, "head_l2", self.head_l2, ">= 0")
+        _check(self.recompute_every >= 0, w, "recompute_every", self.recompute_every, ">= 0")
+        _check(self.patience is None or self.patience >= 1, w, "patience", self.patience, "None or >= 1")
+        _check(self.min_epochs >= 0, w, "min_epochs", self.min_epochs, ">= 0")
+        for k, v in self.lr_mult.items():
+            _check(not isinstance(v, bool) and isinstance(v, (int, float)) and v >= 0, w, f"lr_mult[{k}]", v,
+                   "a number >= 0")
+
 
 @dataclass(frozen=True)
 class FeatureConfig:
@@ -193,7 +258,16 @@ class OuterConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """A whole run: data -> backbone features -> weights/head -> hypergradient -> outer loop."""
+    """A whole run: data -> backbone (warm-up or stages) -> features -> weights/head -> hypergradient -> outer loop.
+
+    With ``stages`` empty (the default) this is the head-only main job: the backbone is warmed up
+    (``backbone``), frozen, and its features feed the L2 head. With ``stages`` it is a staged run
+    (:func:`reweight.staging.run_staged`): ``backbone.model`` / ``backbone.pretrained_file`` /
+    ``backbone.batch_size`` give the network and its training batch size, the stages say how it
+    trains (``backbone``'s warm-up fields are unused), ``features.batch_size`` /
+    ``features.standardize`` drive the feature extraction of reweighted stages, and ``head`` /
+    ``weights`` / ``hypergrad`` / ``outer`` their bilevel weights.
+    """
 
     name: str = _f("main", "run name (the run directory is <out_dir>/<name>)")
     seed: int = _f(0, "root seed; every random stream is derived from it by name")
@@ -208,6 +282,23 @@ class RunConfig:
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     hypergrad: HypergradConfig = field(default_factory=HypergradConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
+    stages: List[StageConfig] = _f([], "training stages of the backbone, in order (empty = head-only run: warm-up "
+                                   "+ frozen features); see docs/staging.md")
+
+    # Top-level keys of the former StagedRunConfig -> their place in RunConfig (read with a DeprecationWarning).
+    LEGACY_KEYS: ClassVar[Dict[str, str]] = {
+        "model": "backbone.model",
+        "pretrained_file": "backbone.pretrained_file",
+        "batch_size": "backbone.batch_size",
+        "eval_batch_size": "features.batch_size",
+        "standardize": "features.standardize",
+    }
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"The 'stages' parameter must be a list of stages with unique names. "
+                              f"Got {names!r} instead.")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -283,14 +374,70 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def migrate_legacy_keys(cls: type, data: Mapping[str, Any]) -> Dict[str, Any]:
+    """Move the old top-level keys of ``cls.LEGACY_KEYS`` (if ``cls`` has any) to their dotted new place.
+
+    For :class:`RunConfig`: the keys of the former ``StagedRunConfig`` (``model`` ->
+    ``backbone.model``, ``pretrained_file`` -> ``backbone.pretrained_file``, ``batch_size`` ->
+    ``backbone.batch_size``, ``eval_batch_size`` -> ``features.batch_size``, ``standardize`` ->
+    ``features.standardize``). Emits a :class:`DeprecationWarning` (and a log warning) naming each move.
+
+    Raises:
+        ConfigError: if an old key and its new place are both set, or the new section is not a mapping.
+    """
+    legacy: Mapping[str, str] = getattr(cls, "LEGACY_KEYS", {})
+    out = dict(data)
+    moved = []
+    for old, new in legacy.items():
+        if old not in out:
+            continue
+        section, key = new.split(".")
+        node = out.get(section, {})
+        if not isinstance(node, Mapping):
+            raise ConfigError(f"The '{section}' section must be a mapping. Got {node!r} instead.")
+        if key in node:
+            raise ConfigError(f"The config sets both the old key '{old}' and '{new}'. Expected only '{new}'.")
+        out[section] = {**node, key: out.pop(old)}
+        moved.append(f"{old} -> {new}")
+    _warn_legacy(cls, moved)
+    return out
+
+
+def _migrate_legacy_overrides(cls: type, overrides: Sequence[str]) -> List[str]:
+    """Rewrite ``old=value`` overrides of ``cls.LEGACY_KEYS`` as ``new.dotted=value`` (so they override the file)."""
+    legacy: Mapping[str, str] = getattr(cls, "LEGACY_KEYS", {})
+    out, moved = [], []
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        new = legacy.get(key.strip()) if sep else None
+        out.append(f"{new}={raw}" if new else item)
+        if new:
+            moved.append(f"{key.strip()} -> {new}")
+    _warn_legacy(cls, moved)
+    return out
+
+
+def _warn_legacy(cls: type, moved: Sequence[str]) -> None:
+    if moved:
+        msg = (f"Deprecated config keys of the former StagedRunConfig, read as their {cls.__name__} equivalents: "
+               f"{', '.join(moved)}. Rename them in the config file or override.")
+        warnings.warn(msg, DeprecationWarning, stacklevel=4)
+        log.warning(msg)
+
+
 def from_dict(cls: Type[C], data: Mapping[str, Any] | None, _prefix: str = "") -> C:
     """Build dataclass ``cls`` from ``data``, validating keys, types and ranges.
+
+    Old top-level keys that ``cls`` declares in ``LEGACY_KEYS`` are first moved to their new place
+    (:func:`migrate_legacy_keys`, with a deprecation message).
 
     Raises:
         ConfigError: on an unknown key (the message lists the valid keys), a value of the wrong
             type (naming the expected type) or a value out of range (naming the range).
     """
     data = dict(data or {})
+    if not _prefix:
+        data = migrate_legacy_keys(cls, data)
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]
@@ -310,10 +457,16 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
 
 
 def config_hash(cfg: Any, exclude: Sequence[str] = ("name", "out_dir")) -> str:
-    """Short SHA-256 of the canonical JSON of ``cfg`` (top-level keys in ``exclude`` ignored)."""
+    """Short SHA-256 of the canonical JSON of ``cfg`` (top-level keys in ``exclude`` ignored).
+
+    An empty ``stages`` list is left out, so a head-only :class:`RunConfig` hashes as it did before
+    ``stages`` existed.
+    """
     d = to_dict(cfg)
     for k in exclude:
         d.pop(k, None)
+    if d.get("stages") == []:
+        d.pop("stages")
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -340,7 +493,11 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
 
 
 def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Type[C] = RunConfig) -> C:
-    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides."""
+    """Load ``cls`` from a YAML file (or defaults when ``path`` is None) plus dotted overrides.
+
+    Old keys of ``cls.LEGACY_KEYS`` (the former ``StagedRunConfig``'s, for :class:`RunConfig`) are read
+    at their new place, in the file and in the overrides, with a deprecation message.
+    """
     data: Dict[str, Any] = {}
     if path is not None:
         p = Path(path)
@@ -349,5 +506,5 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Typ
         loaded = _yaml_load(p.read_text()) or {}
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {str(p)!r} must hold a mapping at top level.")
-        data = loaded
-    return from_dict(cls, apply_overrides(data, overrides))
+        data = migrate_legacy_keys(cls, loaded)
+    return from_dict(cls, apply_overrides(data, _migrate_legacy_overrides(cls, overrides)))

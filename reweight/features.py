@@ -131,9 +131,8 @@ def build_features(data: DataConfig, backbone: BackboneConfig, feats: FeatureCon
         torch.manual_seed(seed)
         model = create_backbone(backbone.model, ds.num_classes, in_chans=ds.images.shape[1],
                                 pretrained_file=backbone.pretrained_file)
-        history = warmup(model, ds.images[sp.train], sp.train_labels, ds.images[sp.val], ds.labels[sp.val],
-                         backbone.epochs, backbone.patience, backbone.batch_size, backbone.lr,
-                         backbone.weight_decay, seed, progress=progress, min_epochs=backbone.min_epochs)
+        history = warmup(model, backbone, (ds.images[sp.train], sp.train_labels),
+                         (ds.images[sp.val], ds.labels[sp.val]), seed=seed, progress=progress).history
         best = max((h["val_acc"] for h in history), default=float("nan"))
         if history and best < 1.5 / ds.num_classes:
             log.warning("Backbone warm-up reached only %.3f clean-validation accuracy (chance is %.3f): the "

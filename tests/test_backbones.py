@@ -409,3 +409,147 @@ def test_bad_optimizer_scheduler_and_bn_mode():
         build_scheduler(build_optimizer(param_groups(m, 0.1)), "step")
     with pytest.raises(ConfigError, match="The 'bn' parameter of set_trainable"):
         set_trainable(m, ["all"], bn="off")
+
+
+# ---------------------------------------------------------------------------------------------
+# the package layout
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_public_name_of_the_submodules_is_reexported():
+    import importlib
+
+    import reweight.backbones as bb
+
+    # (the package attribute ``freeze`` is the function; the submodule is reached by its full name)
+    mods = [importlib.import_module(f"reweight.backbones.{m}") for m in ("create", "freeze", "optim", "train")]
+    for mod in mods:
+        assert mod.__all__ == sorted(mod.__all__), mod.__name__
+        for name in mod.__all__:
+            assert getattr(bb, name) is getattr(mod, name) and name in bb.__all__, (mod.__name__, name)
+    assert bb.__all__ == sorted(bb.__all__)
+    assert set(bb.__all__) == {n for mod in mods for n in mod.__all__}
+
+
+# ---------------------------------------------------------------------------------------------
+# the one training loop
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def digits():
+    from reweight.config import DataConfig
+    from reweight.staging import staged_data
+
+    return staged_data(DataConfig(dataset="digits", noise_rate=0.4), 0)
+
+
+def _former_warmup(model, xt, yt, xv, yv, epochs, patience, batch_size, lr, weight_decay, seed, min_epochs):
+    """The dedicated warm-up loop that train_stage replaced (reweight/backbones.py before issue 11), verbatim."""
+    import copy
+
+    from reweight.seeding import torch_generator
+
+    g = torch_generator(seed, "warmup")
+    torch.manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=g)))
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=weight_decay)
+    best_acc, best_state, bad, history = -1.0, copy.deepcopy(model.state_dict()), 0, []
+    for epoch in range(epochs):
+        model.train()
+        perm = torch.randperm(xt.shape[0], generator=g)
+        total, count = 0.0, 0
+        for i in range(0, xt.shape[0], batch_size):
+            idx = perm[i:i + batch_size]
+            loss = torch.nn.functional.cross_entropy(model(xt[idx]), yt[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            total += float(loss.detach()) * idx.numel()
+            count += idx.numel()
+        model.eval()
+        with torch.no_grad():
+            correct = sum(int((model(xv[i:i + 4 * batch_size]).argmax(1) == yv[i:i + 4 * batch_size]).sum())
+                          for i in range(0, xv.shape[0], 4 * batch_size))
+        acc = correct / max(1, xv.shape[0])
+        history.append({"epoch": epoch, "train_loss": total / count, "val_acc": acc})
+        if acc > best_acc:
+            best_acc, best_state, bad = acc, copy.deepcopy(model.state_dict()), 0
+        else:
+            bad += 1
+            if bad >= patience and epoch + 1 >= min_epochs:
+                break
+    model.load_state_dict(best_state)
+    return history
+
+
+def test_warmup_through_the_one_loop_is_the_former_warmup_bit_for_bit(digits):
+    from reweight.backbones import warmup
+    from reweight.config import BackboneConfig
+
+    bc = BackboneConfig(epochs=10, patience=1, min_epochs=3, batch_size=32, lr=2e-3, weight_decay=1e-4)
+    xt, yt, xv, yv = digits.x_train[:300], digits.y_train[:300], digits.x_val, digits.y_val
+    twin = _model(10, 1, seed=5)
+    expected = _former_warmup(twin, xt, yt, xv, yv, bc.epochs, bc.patience, bc.batch_size, bc.lr, bc.weight_decay,
+                              seed=3, min_epochs=bc.min_epochs)
+    m = _model(10, 1, seed=5)
+    out = warmup(m, bc, (xt, yt), (xv, yv), seed=3)
+    assert [{k: h[k] for k in ("epoch", "train_loss", "val_acc")} for h in out.history] == expected
+    # the schedule exercised early stopping: an epoch without progress before min_epochs did not stop
+    # it (epoch 1 repeats epoch 0's accuracy), a later one did, and an earlier epoch was restored
+    accs = [h["val_acc"] for h in expected]
+    assert accs[1] <= accs[0] and len(expected) < bc.epochs and out.stopped_early
+    assert out.best_epoch == int(np.argmax(accs)) < len(expected) - 1
+    a, b = twin.state_dict(), m.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert all(h["lr"] == [bc.lr] for h in out.history)
+    # every parameter (biases and norm weights too) carries the warm-up's weight decay, as before
+    assert [g["weight_decay"] for g in out.setup.optimizer.param_groups] == [bc.weight_decay]
+
+
+def test_stage_with_patience_stops_early_and_restores_the_best_epoch(digits):
+    from reweight.backbones import train_stage
+    from reweight.config import StageConfig
+
+    xt, yt, xv, yv = digits.x_train[:96], digits.y_train[:96], digits.x_val, digits.y_val
+
+    def run(epochs, patience=None, min_epochs=0, restore_best=True):
+        m = _model(10, 1, seed=2)
+        # head only at a tiny lr: validation accuracy cannot improve after epoch 0, the weights still move
+        st = StageConfig(name="s", trainable=["head"], lr=1e-9, epochs=epochs, patience=patience,
+                         min_epochs=min_epochs, restore_best=restore_best)
+        out = train_stage(m, st, (xt, yt), (xv, yv), batch_size=32, eval_batch_size=64,
+                          generator=torch.Generator().manual_seed(0))
+        return m, out
+
+    m, out = run(10, patience=2)
+    accs = [h["val_acc"] for h in out.history]
+    assert accs == [accs[0]] * len(accs)  # the premise: no epoch beats epoch 0
+    assert len(out.history) == 3 and out.stopped_early and out.best_epoch == 0  # epoch 0, then 2 without progress
+    _, late = run(10, patience=2, min_epochs=5)
+    assert len(late.history) == 5 and late.stopped_early  # min_epochs holds the stop back
+    _, full = run(4)
+    assert len(full.history) == 4 and not full.stopped_early  # patience None: every epoch runs
+    one, _ = run(1)
+    last, _ = run(3, patience=2, restore_best=False)
+    for k, v in one.state_dict().items():
+        assert torch.equal(m.state_dict()[k], v), k  # restored: the weights after epoch 0
+    assert not torch.equal(last.fc.weight, one.fc.weight)  # without restore_best the later epochs stay
+
+
+def test_train_stage_bad_inputs(digits):
+    from reweight.backbones import train_stage
+    from reweight.config import StageConfig
+
+    st = StageConfig(name="s", trainable=["head"], epochs=1)
+    data = ((digits.x_train[:8], digits.y_train[:8]), (digits.x_val[:8], digits.y_val[:8]))
+    g = torch.Generator().manual_seed(0)
+    with pytest.raises(ConfigError, match=r"The 'batch_size' parameter of train_stage must be an int >= 1\. Got 0"):
+        train_stage(_model(), st, *data, batch_size=0, eval_batch_size=8, generator=g)
+    with pytest.raises(ConfigError, match=r"The 'eval_batch_size' parameter of train_stage must be an int >= 1"):
+        train_stage(_model(), st, *data, batch_size=4, eval_batch_size=2.5, generator=g)
+    with pytest.raises(ConfigError, match=r"The sample weights of stage 's' must have shape \(8,\)\. Got \(7,\)"):
+        train_stage(_model(), st, *data, batch_size=4, eval_batch_size=8, generator=g, sample_weights=torch.ones(7))
+    with pytest.raises(ConfigError, match=r"The 'stages\[s\]\.patience' parameter must be None or >= 1\. Got 0"):
+        StageConfig(name="s", patience=0)

@@ -1,5 +1,8 @@
 """Dataclass-backed configs: YAML round trip, dotted overrides, unknown keys, types and ranges."""
 
+import hashlib
+import json
+
 import pytest
 import yaml
 
@@ -65,3 +68,74 @@ def test_bad_override_and_missing_file(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="mapping at top level"):
         load_config(tmp_path / "list.yaml")
+
+
+# ---------------------------------------------------------------------------------------------
+# one schema: stages in RunConfig, old staged YAML
+# ---------------------------------------------------------------------------------------------
+
+OLD_STAGED_YAML = """\
+name: old
+model: test_efficientnet
+pretrained_file: null
+batch_size: 32
+eval_batch_size: 256
+standardize: false
+outer: {steps: 30}
+stages:
+  - {name: warmup, trainable: [all], lr: 2.0e-3, epochs: 3, restore_best: true}
+  - {name: focus, trainable: [head], epochs: 1, loss: reweighted}
+"""
+
+
+def test_old_staged_yaml_loads_into_runconfig_with_a_deprecation_message(tmp_path, caplog):
+    from reweight.config import StageConfig
+
+    p = tmp_path / "old.yaml"
+    p.write_text(OLD_STAGED_YAML)
+    with pytest.warns(DeprecationWarning, match=r"model -> backbone\.model, pretrained_file -> backbone\.pretrained_file, "
+                      r"batch_size -> backbone\.batch_size, eval_batch_size -> features\.batch_size, "
+                      r"standardize -> features\.standardize"):
+        cfg = load_config(p, ["outer.lr=0.05"])
+    assert "former StagedRunConfig" in caplog.text  # also logged, for command-line users
+    assert isinstance(cfg, RunConfig) and cfg.backbone.model == "test_efficientnet" and cfg.backbone.batch_size == 32
+    assert cfg.features.batch_size == 256 and cfg.features.standardize is False and cfg.backbone.pretrained_file is None
+    assert cfg.outer.steps == 30 and cfg.outer.lr == 0.05
+    assert [s.name for s in cfg.stages] == ["warmup", "focus"] and all(isinstance(s, StageConfig) for s in cfg.stages)
+    # the same run in the new schema is the same config
+    new = load_config(None, ["name=old", "backbone={model: test_efficientnet, batch_size: 32}",
+                             "features={batch_size: 256, standardize: false}", "outer={steps: 30, lr: 0.05}",
+                             "stages=" + json.dumps([to_dict(s) for s in cfg.stages])])
+    assert new == cfg and config_hash(new) == config_hash(cfg)
+
+
+def test_old_and_new_key_together_is_an_error():
+    with pytest.raises(ConfigError, match=r"sets both the old key 'model' and 'backbone\.model'"):
+        from_dict(RunConfig, {"model": "test_resnet", "backbone": {"model": "test_resnet"}})
+    with pytest.raises(ConfigError, match=r"The 'features' section must be a mapping"):
+        from_dict(RunConfig, {"standardize": True, "features": 3})
+
+
+def test_stages_in_runconfig():
+    cfg = load_config(None, ["stages=[{name: a, trainable: [head], patience: 2, min_epochs: 1}]"])
+    assert cfg.stages[0].patience == 2 and cfg.stages[0].min_epochs == 1 and cfg.stages[0].restore_best is False
+    assert config_hash(cfg) != config_hash(RunConfig())
+    with pytest.raises(ConfigError, match=r"The 'stages' parameter must be a list of stages with unique names"):
+        load_config(None, ["stages=[{name: a}, {name: a}]"])
+    with pytest.raises(ConfigError, match=r"The 'stages\[a\]\.min_epochs' parameter must be >= 0"):
+        load_config(None, ["stages=[{name: a, min_epochs: -1}]"])
+    # a head-only run (no stages) hashes as before the field existed
+    d = to_dict(RunConfig())
+    assert d.pop("stages") == []
+    for k in ("name", "out_dir"):
+        d.pop(k)
+    assert config_hash(RunConfig()) == hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def test_warmup_stage_of_the_backbone_config():
+    from reweight.config import BackboneConfig
+
+    st = BackboneConfig(epochs=7, patience=2, min_epochs=4, lr=1e-3, weight_decay=1e-5).warmup_stage()
+    assert (st.trainable, st.optimizer, st.loss, st.lr, st.epochs) == (["all"], "adamw", "ce", 1e-3, 7)
+    assert (st.weight_decay, st.decay_norm_bias) == (1e-5, True)  # decay on every parameter, as the warm-up did
+    assert (st.patience, st.min_epochs, st.restore_best) == (2, 4, True)

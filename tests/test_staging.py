@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 
 import pytest
 import torch
 from torch.testing import assert_close
 
-from reweight.config import DataConfig, from_dict, load_config
+from reweight.backbones import configure_stage, weighted_ce
+from reweight.config import DataConfig, RunConfig, StageConfig, from_dict, load_config
 from reweight.errors import ConfigError, RunDirError
-from reweight.staging import (StageConfig, StagedRunConfig, configure_stage, feature_drift, linear_cka, run_staged,
-                              staged_data, weighted_ce)
+from reweight.staging import feature_drift, linear_cka, run_staged, staged_data
 
 import timm  # noqa: F401  (a hard dependency: a missing install must fail, not skip)
 
@@ -22,7 +23,7 @@ CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 def _cfg(tmp_path, stages=None, **kw):
     base = {
         "name": "t", "out_dir": str(tmp_path), "data": {"dataset": "digits", "noise_rate": 0.4},
-        "batch_size": 64, "outer": {"steps": 3}, "head": {"dtype": "float64"},
+        "backbone": {"batch_size": 64}, "outer": {"steps": 3}, "head": {"dtype": "float64"},
         "stages": stages or [
             {"name": "warmup", "trainable": ["all"], "lr": 2e-3, "epochs": 1},
             {"name": "freeze", "trainable": ["head", "last:1"], "lr_mult": {"last:1": 0.2}, "epochs": 1,
@@ -32,7 +33,7 @@ def _cfg(tmp_path, stages=None, **kw):
         ],
     }
     base.update(kw)
-    return from_dict(StagedRunConfig, base)
+    return from_dict(RunConfig, base)
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +57,11 @@ def test_experiment_configs_parse():
     files = sorted(CONFIGS.glob("staged*.yaml"))
     assert files, "experiments/configs/staged*.yaml missing"
     for f in files:
-        cfg = load_config(f, cls=StagedRunConfig)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # shipped configs use the one schema
+            cfg = load_config(f)
         assert cfg.stages and all(isinstance(s, StageConfig) for s in cfg.stages)
+        assert cfg.backbone.model == "test_resnet" and cfg.backbone.batch_size == 128
 
 
 def test_config_errors_name_valid_keys_and_ranges(tmp_path):
@@ -246,22 +250,31 @@ def test_resume_errors(tmp_path, digits):
 
 
 def test_unknown_model_fails_before_work(tmp_path, digits):
-    cfg = _cfg(tmp_path, model="resnet_does_not_exist")
+    cfg = _cfg(tmp_path, backbone={"model": "resnet_does_not_exist"})
     with pytest.raises(ConfigError, match="must be a timm model name"):
         run_staged(cfg, digits)
 
 
+def test_config_without_stages_is_not_a_staged_run(tmp_path, digits):
+    with pytest.raises(ConfigError, match=r"The 'stages' parameter of run_staged's config must be a non-empty list"):
+        run_staged(from_dict(RunConfig, {"out_dir": str(tmp_path)}), digits)
+
+
 def test_study_configs_build_for_every_strategy(tmp_path):
     from experiments.staged import STRATEGIES, _load
-    from reweight.config import RunConfig
 
     for st in STRATEGIES:
-        cfg = _load(st, 1, tmp_path, quick=True, overrides=["data.noise_rate=0.2", "batch_size=32"])
+        cfg = _load(st, 1, tmp_path, quick=True, overrides=["data.noise_rate=0.2", "backbone.batch_size=32"])
+        assert isinstance(cfg, RunConfig)  # one schema: every override applies to every strategy
         assert cfg.seed == 1 and cfg.data.noise_rate == 0.2 and cfg.data.dataset == "digits"
-        assert cfg.name == f"{st}_s1" and cfg.out_dir == str(tmp_path)
+        assert cfg.name == f"{st}_s1" and cfg.out_dir == str(tmp_path) and cfg.backbone.batch_size == 32
         if st == "a_head_only":
-            assert isinstance(cfg, RunConfig)  # staged-only overrides (batch_size) are not applied to (a)
+            assert cfg.stages == [] and cfg.backbone.epochs == 2  # head-only: --quick shortens the warm-up
         else:
-            assert cfg.batch_size == 32 and all(s.epochs <= 1 for s in cfg.stages)
+            assert cfg.stages and all(s.epochs <= 1 for s in cfg.stages)
     with pytest.raises(ConfigError, match="Unknown config key 'stages_typo'"):
         _load("b_focus", 0, tmp_path, quick=False, overrides=["stages_typo=1"])
+    # an override in the old staged schema still works, with a deprecation message
+    with pytest.warns(DeprecationWarning, match=r"batch_size -> backbone\.batch_size"):
+        cfg = _load("d_full", 0, tmp_path, quick=False, overrides=["batch_size=16"])
+    assert cfg.backbone.batch_size == 16
