@@ -94,7 +94,7 @@ def _cases() -> List[Case]:
              DataError, r"'rate' of symmetric noise must be in \[0, 1\)"),
         Case("unknown dataset", lambda: load_dataset("imagenet"), DataError, r"Unknown dataset 'imagenet'. Valid: digits, mnist5k"),
         Case("unknown config key", lambda: load_config(None, ["head.lamda=1"]), ConfigError,
-             r"Unknown config key 'head.lamda'. Valid keys under 'head': lam, bias, tol, max_iter, dtype"),
+             r"Unknown config key 'head.lamda'. Valid keys under 'head': lam, bias, grad_tol, max_iter, dtype"),
         Case("config value of the wrong type", lambda: load_config(None, ["outer.steps=ten"]), ConfigError,
              r"'outer.steps' parameter must be int. Got 'ten' instead"),
         Case("config value out of range", lambda: load_config(None, ["data.noise_rate=1.5"]), ConfigError,

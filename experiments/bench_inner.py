@@ -45,10 +45,10 @@ def main(argv=None) -> int:
     for step in range(cfg.outer.steps):
         alpha = problem.weights.alpha(s.detach())
         t0 = time.perf_counter()
-        cold = solve_head(problem.inner, alpha, grad_tol=cfg.head.tol, max_iter=cfg.head.max_iter)
+        cold = solve_head(problem.inner, alpha, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter)
         t_cold = time.perf_counter() - t0
         t0 = time.perf_counter()
-        warm = solve_head(problem.inner, alpha, W0=W_prev, grad_tol=cfg.head.tol, max_iter=cfg.head.max_iter)
+        warm = solve_head(problem.inner, alpha, W0=W_prev, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter)
         t_warm = time.perf_counter() - t0
         rows.append({"step": step, "cold_iters": cold.iters, "warm_iters": warm.iters, "cold_hvps": cold.hvps,
                      "warm_hvps": warm.hvps, "cold_seconds": t_cold, "warm_seconds": t_warm,
@@ -62,7 +62,7 @@ def main(argv=None) -> int:
     med = lambda k: statistics.median(r[k] for r in later)
     result = {
         "what": "inner Newton solve, cold (from zeros) vs warm (from the previous outer step's optimum)",
-        "n": problem.inner.n, "K": problem.inner.K, "D": problem.inner.X.shape[1], "tol": cfg.head.tol,
+        "n": problem.inner.n, "K": problem.inner.K, "D": problem.inner.X.shape[1], "tol": cfg.head.grad_tol,
         "steps": len(rows), "median_cold_iters": med("cold_iters"), "median_warm_iters": med("warm_iters"),
         "median_cold_hvps": med("cold_hvps"), "median_warm_hvps": med("warm_hvps"),
         "median_cold_seconds": med("cold_seconds"), "median_warm_seconds": med("warm_seconds"),

@@ -98,10 +98,10 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> 
         n = problem.inner.n
         ones = torch.ones(n, dtype=problem.inner.X.dtype, device=problem.inner.X.device)
         t0 = time.perf_counter()
-        uni = solve_head(problem.inner, ones, grad_tol=cfg.head.tol, max_iter=cfg.head.max_iter)
+        uni = solve_head(problem.inner, ones, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter)
         t_uniform = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = run_bilevel(problem, method, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.tol,
+        out = run_bilevel(problem, method, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.grad_tol,
                           max_iter=cfg.head.max_iter, checkpoint_every=cfg.outer.checkpoint_every, run=run,
                           evals=evals, corrupted=fs.corrupted, method_name=cfg.hypergrad.method, progress=progress,
                           on_step=_tb_logger(writer, problem) if writer else None)

@@ -162,11 +162,11 @@ def _run_one(grid: NoiseGridConfig, cfg: RunConfig, method: str, setting: str, f
         if method == "oracle":
             inner = HeadObjective(problem.inner.X, fs.y_train_clean.to(problem.inner.X.device), fs.num_classes, cfg.head.lam)
             ones = torch.ones(inner.n, dtype=inner.X.dtype, device=inner.X.device)
-            W = solve_head(inner, ones, grad_tol=cfg.head.tol, max_iter=cfg.head.max_iter).W
+            W = solve_head(inner, ones, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter).W
             ess_min = 1.0
         elif method in BILEVEL:
             hg = make_method(BILEVEL[method], options_for(cfg, BILEVEL[method]))
-            out = run_bilevel(problem, hg, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.tol, max_iter=cfg.head.max_iter,
+            out = run_bilevel(problem, hg, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter,
                               checkpoint_every=cfg.outer.checkpoint_every, run=run, evals=evals, corrupted=fs.corrupted,
                               method_name=BILEVEL[method])
             alpha, W = out.alpha, out.W
@@ -180,7 +180,7 @@ def _run_one(grid: NoiseGridConfig, cfg: RunConfig, method: str, setting: str, f
             best = None
             tried = []
             for lr in grid_lrs:
-                opts = dict(base_opts, head_grad_tol=cfg.head.tol, head_max_iter=cfg.head.max_iter)
+                opts = dict(base_opts, head_grad_tol=cfg.head.grad_tol, head_max_iter=cfg.head.max_iter)
                 if lr is not None:
                     opts["lr"] = lr
                 try:

@@ -28,7 +28,7 @@ import typing
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequence, Type, TypeVar
+from typing import Any, ClassVar, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, TypeVar
 
 import yaml
 
@@ -208,13 +208,13 @@ class HeadConfig:
 
     lam: float = _f(0.1, "L2 strength lambda in F = (1/n) sum_i alpha_i l_i + (lambda/2)||W||^2; > 0")
     bias: bool = _f(True, "append a constant-1 feature (a regularised bias)")
-    tol: float = _f(1e-5, "inner solver stops when ||grad F|| <= tol")
+    grad_tol: float = _f(1e-5, "inner Newton solve stops when ||grad F|| <= grad_tol (formerly head.tol)")
     max_iter: int = _f(100, "maximum Newton iterations")
     dtype: Literal["float32", "float64"] = _f("float32", "floating point precision of head computations")
 
     def __post_init__(self) -> None:
         _check(self.lam > 0, "head", "lam", self.lam, "> 0 (strict L2 makes the inner problem strongly convex)")
-        _check(self.tol > 0, "head", "tol", self.tol, "> 0")
+        _check(self.grad_tol > 0, "head", "grad_tol", self.grad_tol, "> 0")
         _check(self.max_iter >= 1, "head", "max_iter", self.max_iter, ">= 1")
 
 
@@ -239,7 +239,7 @@ class HypergradConfig:
     """Which hypergradient method computes dJ/ds, and its options (fields of that method)."""
 
     method: str = _f("cg", "registered hypergradient method name")
-    options: Dict[str, Any] = _f({}, "keyword options of the method (e.g. {tol: 1e-6, max_iter: 200})")
+    options: Dict[str, Any] = _f({}, "keyword options of the method (e.g. {rtol: 1e-6, max_iter: 200})")
 
 
 @dataclass(frozen=True)
@@ -285,8 +285,10 @@ class RunConfig:
     stages: List[StageConfig] = _f([], "training stages of the backbone, in order (empty = head-only run: warm-up "
                                    "+ frozen features); see docs/staging.md")
 
-    # Top-level keys of the former StagedRunConfig -> their place in RunConfig (read with a DeprecationWarning).
+    # Old keys -> their place in RunConfig (read with a DeprecationWarning): the top-level keys of the former
+    # StagedRunConfig, and renamed keys.
     LEGACY_KEYS: ClassVar[Dict[str, str]] = {
+        "head.tol": "head.grad_tol",
         "model": "backbone.model",
         "pretrained_file": "backbone.pretrained_file",
         "batch_size": "backbone.batch_size",
@@ -374,30 +376,55 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     return value
 
 
+def _pop_dotted(d: Dict[str, Any], path: str) -> Tuple[bool, Any]:
+    node: Any = d
+    parts = path.split(".")
+    for p in parts[:-1]:
+        node = node.get(p) if isinstance(node, Mapping) else None
+        if not isinstance(node, dict):
+            return False, None
+    if parts[-1] not in node:
+        return False, None
+    return True, node.pop(parts[-1])
+
+
+def _has_dotted(d: Mapping[str, Any], path: str) -> bool:
+    node: Any = d
+    for p in path.split("."):
+        if not isinstance(node, Mapping) or p not in node:
+            return False
+        node = node[p]
+    return True
+
+
 def migrate_legacy_keys(cls: type, data: Mapping[str, Any]) -> Dict[str, Any]:
-    """Move the old top-level keys of ``cls.LEGACY_KEYS`` (if ``cls`` has any) to their dotted new place.
+    """Move the old keys of ``cls.LEGACY_KEYS`` (if ``cls`` has any; dotted paths) to their new place.
 
     For :class:`RunConfig`: the keys of the former ``StagedRunConfig`` (``model`` ->
     ``backbone.model``, ``pretrained_file`` -> ``backbone.pretrained_file``, ``batch_size`` ->
     ``backbone.batch_size``, ``eval_batch_size`` -> ``features.batch_size``, ``standardize`` ->
-    ``features.standardize``). Emits a :class:`DeprecationWarning` (and a log warning) naming each move.
+    ``features.standardize``) and renamed keys (``head.tol`` -> ``head.grad_tol``). Emits a
+    :class:`DeprecationWarning` (and a log warning) naming each move.
 
     Raises:
-        ConfigError: if an old key and its new place are both set, or the new section is not a mapping.
+        ConfigError: if an old key and its new place are both set, or a section on the way is not a mapping.
     """
     legacy: Mapping[str, str] = getattr(cls, "LEGACY_KEYS", {})
-    out = dict(data)
+    out = json.loads(json.dumps(dict(data), default=str)) if legacy else dict(data)
     moved = []
     for old, new in legacy.items():
-        if old not in out:
+        found, value = _pop_dotted(out, old)
+        if not found:
             continue
-        section, key = new.split(".")
-        node = out.get(section, {})
-        if not isinstance(node, Mapping):
-            raise ConfigError(f"The '{section}' section must be a mapping. Got {node!r} instead.")
-        if key in node:
+        if _has_dotted(out, new):
             raise ConfigError(f"The config sets both the old key '{old}' and '{new}'. Expected only '{new}'.")
-        out[section] = {**node, key: out.pop(old)}
+        node = out
+        for p in new.split(".")[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise ConfigError(f"The '{p}' section must be a mapping. Got {nxt!r} instead.")
+            node = nxt
+        node[new.split(".")[-1]] = value
         moved.append(f"{old} -> {new}")
     _warn_legacy(cls, moved)
     return out
@@ -413,14 +440,19 @@ def _migrate_legacy_overrides(cls: type, overrides: Sequence[str]) -> List[str]:
         out.append(f"{new}={raw}" if new else item)
         if new:
             moved.append(f"{key.strip()} -> {new}")
+    given = {item.partition("=")[0].strip() for item in overrides}
+    for m in moved:
+        old, new = m.split(" -> ")
+        if new in given:
+            raise ConfigError(f"The config sets both the old key '{old}' and '{new}'. Expected only '{new}'.")
     _warn_legacy(cls, moved)
     return out
 
 
 def _warn_legacy(cls: type, moved: Sequence[str]) -> None:
     if moved:
-        msg = (f"Deprecated config keys of the former StagedRunConfig, read as their {cls.__name__} equivalents: "
-               f"{', '.join(moved)}. Rename them in the config file or override.")
+        msg = (f"Deprecated config keys, read at their new place in {cls.__name__}: {', '.join(moved)}. "
+               f"Rename them in the config file or override.")
         warnings.warn(msg, DeprecationWarning, stacklevel=4)
         log.warning(msg)
 
@@ -435,9 +467,7 @@ def from_dict(cls: Type[C], data: Mapping[str, Any] | None, _prefix: str = "") -
         ConfigError: on an unknown key (the message lists the valid keys), a value of the wrong
             type (naming the expected type) or a value out of range (naming the range).
     """
-    data = dict(data or {})
-    if not _prefix:
-        data = migrate_legacy_keys(cls, data)
+    data = migrate_legacy_keys(cls, dict(data or {}))
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = [k for k in data if k not in names]

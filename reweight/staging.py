@@ -175,7 +175,7 @@ def learn_weights(model: torch.nn.Module, data: StagedData, cfg: RunConfig,
                      ess_penalty=cfg.weights.ess_penalty)
     problem = BilevelProblem(inner, Xva, yv, wm)
     method = make_method(cfg.hypergrad.method, cfg.hypergrad.options)
-    out = run_bilevel(problem, method, cfg.outer.steps, cfg.outer.lr, tol=cfg.head.tol, max_iter=cfg.head.max_iter,
+    out = run_bilevel(problem, method, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter,
                       corrupted=data.corrupted, method_name=cfg.hypergrad.method, progress=progress)
     alpha = out.alpha.detach().float().cpu()
     ess = ess_per_class(out.alpha.double(), y, data.num_classes) / wm.counts.to(dev).clamp_min(1)

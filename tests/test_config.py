@@ -97,7 +97,7 @@ def test_old_staged_yaml_loads_into_runconfig_with_a_deprecation_message(tmp_pat
                       r"batch_size -> backbone\.batch_size, eval_batch_size -> features\.batch_size, "
                       r"standardize -> features\.standardize"):
         cfg = load_config(p, ["outer.lr=0.05"])
-    assert "former StagedRunConfig" in caplog.text  # also logged, for command-line users
+    assert "Deprecated config keys" in caplog.text and "model -> backbone.model" in caplog.text  # also logged
     assert isinstance(cfg, RunConfig) and cfg.backbone.model == "test_efficientnet" and cfg.backbone.batch_size == 32
     assert cfg.features.batch_size == 256 and cfg.features.standardize is False and cfg.backbone.pretrained_file is None
     assert cfg.outer.steps == 30 and cfg.outer.lr == 0.05
@@ -139,3 +139,11 @@ def test_warmup_stage_of_the_backbone_config():
     assert (st.trainable, st.optimizer, st.loss, st.lr, st.epochs) == (["all"], "adamw", "ce", 1e-3, 7)
     assert (st.weight_decay, st.decay_norm_bias) == (1e-5, True)  # decay on every parameter, as the warm-up did
     assert (st.patience, st.min_epochs, st.restore_best) == (2, 4, True)
+
+
+def test_renamed_head_tol_loads_as_grad_tol_with_a_deprecation_message():
+    with pytest.warns(DeprecationWarning, match=r"head.tol -> head.grad_tol"):
+        cfg = load_config(None, ["head.tol=1e-7"])
+    assert cfg.head.grad_tol == 1e-7
+    with pytest.raises(ConfigError, match="sets both the old key 'head.tol' and 'head.grad_tol'"):
+        load_config(None, ["head.tol=1e-7", "head.grad_tol=1e-6"])

@@ -1,0 +1,222 @@
+r"""The composition root: config -> data -> features -> weight model -> head objective -> bilevel problem.
+
+Every study, figure and the staged runner builds its problems here, so a new data source, head option
+or weighting knob lands in one place:
+
+* :func:`features` -- data, splits and corruption, the warmed-up frozen backbone, cached features
+  (:func:`reweight.features.build_features`);
+* :func:`head_problem` -- the bilevel problem of a config on a feature set: the L2 head on the
+  training rows (bias column, dtype, device), the weight model, the clean validation split, and
+  named evaluation sets;
+* :func:`attribution_problem` -- the trained head of an attribution study (float64, fitted to a tight
+  gradient norm) with its validation and test splits;
+* :func:`learn_weights` -- the outer loop with the config's hypergradient method;
+* :func:`run_main` -- the main job's body (uniform vs learned weights, a run directory, a summary);
+  it prints nothing.
+
+Nothing here parses arguments, prints or plots (STYLE: computing, orchestrating and reporting stay apart).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Dict, Optional, Tuple
+
+import torch
+
+from .attribution.base import AttributionProblem
+from .bilevel import BilevelOutcome, run_bilevel, weight_auroc
+from .config import RunConfig
+from .errors import ConfigError
+from .features import FeatureSet, build_features
+from .head import HeadObjective, accuracy, add_bias, mean_ce, solve_head
+from .hypergrad import BilevelProblem, HypergradMethod, make_method
+from .runs import RunDir, save_checked
+from .weights import WeightModel, class_report
+
+__all__ = [
+    "Evals",
+    "HeadSetup",
+    "attribution_problem",
+    "evaluate_head",
+    "features",
+    "head_problem",
+    "learn_weights",
+    "run_main",
+    "weight_model",
+]
+
+log = logging.getLogger(__name__)
+
+#: named evaluation sets ``name -> (X, y)`` (bias column and dtype of the head).
+Evals = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class HeadSetup:
+    """The bilevel problem of a config on a feature set, with its evaluation sets and the features."""
+
+    problem: BilevelProblem
+    evals: Evals
+    features: FeatureSet
+
+
+def features(cfg: RunConfig, progress: bool = False) -> FeatureSet:
+    """Data -> splits and corruption -> warmed-up frozen backbone -> cached features, for ``cfg``."""
+    return build_features(cfg.data, cfg.backbone, cfg.features, cfg.seed, progress=progress)
+
+
+def _prep(cfg: RunConfig, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+    x = x.to(torch.device(cfg.device), dtype or getattr(torch, cfg.head.dtype))
+    return add_bias(x) if cfg.head.bias else x
+
+
+def weight_model(cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> WeightModel:
+    r"""The :math:`\alpha` parameterisation of ``cfg.weights`` on the training labels."""
+    w = cfg.weights
+    return WeightModel(labels, num_classes, class_mass=w.class_mass, beta_entropy=w.beta_entropy, beta_ess=w.beta_ess,
+                       ess_floor=w.ess_floor, ess_penalty=w.ess_penalty)
+
+
+def head_problem(cfg: RunConfig, fs: FeatureSet) -> HeadSetup:
+    """The bilevel problem of ``cfg`` on features ``fs`` (bias column, dtype, device) and its evaluation sets.
+
+    Evaluation sets: ``val`` (the clean validation split that drives the hypergradients) and ``test``.
+    """
+    dev = torch.device(cfg.device)
+    Xtr, Xva, Xte = _prep(cfg, fs.X_train), _prep(cfg, fs.X_val), _prep(cfg, fs.X_test)
+    inner = HeadObjective(Xtr, fs.y_train.to(dev), fs.num_classes, cfg.head.lam)
+    problem = BilevelProblem(inner, Xva, fs.y_val.to(dev), weight_model(cfg, fs.y_train.to(dev), fs.num_classes))
+    return HeadSetup(problem=problem, evals={"val": (Xva, fs.y_val.to(dev)), "test": (Xte, fs.y_test.to(dev))},
+                     features=fs)
+
+
+def attribution_problem(cfg: RunConfig, fs: FeatureSet, lam: Optional[float] = None, grad_tol: float = 1e-10,
+                        alpha: Optional[torch.Tensor] = None) -> Tuple[AttributionProblem, Dict[str, torch.Tensor]]:
+    r"""The trained head of an attribution study: float64 features (bias column of ``cfg.head.bias``),
+    :math:`W^*` fitted to :math:`\|\nabla F\|\le` ``grad_tol`` at ``lam`` (default ``cfg.head.lam``).
+
+    Returns:
+        the :class:`~reweight.attribution.AttributionProblem` and its float64 ``X_val``, ``y_val``,
+        ``X_test``, ``y_test``.
+    """
+    f64 = torch.float64
+    X = _prep(cfg, fs.X_train, f64)
+    splits = {"X_val": _prep(cfg, fs.X_val, f64), "y_val": fs.y_val.to(X.device),
+              "X_test": _prep(cfg, fs.X_test, f64), "y_test": fs.y_test.to(X.device)}
+    pr = AttributionProblem.from_data(X, fs.y_train.to(X.device), fs.num_classes, cfg.head.lam if lam is None else lam,
+                                      alpha=alpha, grad_tol=grad_tol)
+    return pr, splits
+
+
+def evaluate_head(W: torch.Tensor, evals: Evals) -> Dict[str, float]:
+    """``<set>_acc`` and ``<set>_loss`` (mean cross-entropy) of the head ``W`` on every evaluation set."""
+    out = {f"{k}_acc": accuracy(W, X, y) for k, (X, y) in evals.items()}
+    out.update({f"{k}_loss": float(mean_ce(W, X, y)) for k, (X, y) in evals.items()})
+    return out
+
+
+def learn_weights(cfg: RunConfig, setup: HeadSetup, *, run: Optional[RunDir] = None, progress: bool = False,
+                  method: Optional[HypergradMethod] = None,
+                  on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]] = None) -> BilevelOutcome:
+    """The outer loop of ``cfg`` (its hypergradient method, steps, lr, inner solver) on ``setup``."""
+    method = method if method is not None else make_method(cfg.hypergrad.method, cfg.hypergrad.options)
+    return run_bilevel(setup.problem, method, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.grad_tol,
+                       max_iter=cfg.head.max_iter, checkpoint_every=cfg.outer.checkpoint_every, run=run,
+                       evals=setup.evals, corrupted=setup.features.corrupted, method_name=cfg.hypergrad.method,
+                       progress=progress, on_step=on_step)
+
+
+def _tensorboard_writer_cls() -> Any:
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError as e:  # tensorboard is an optional extra
+        raise ConfigError("tensorboard=true needs the 'tensorboard' package: pip install 'carrot-reweight[tensorboard]'.") from e
+    return SummaryWriter
+
+
+def _tb_logger(writer: Any) -> Callable[[Dict[str, Any], torch.Tensor], None]:
+    """An ``on_step`` callback logging scalars, per-class ESS ratios and the weight histogram."""
+
+    def log_step(row: Dict[str, Any], alpha: torch.Tensor) -> None:
+        step = row["step"]
+        for key in ("val_loss", "objective", "penalty", "val_acc", "test_acc", "auroc", "ess_ratio_min", "hvps",
+                    "inner_iters"):
+            if row.get(key) is not None:
+                writer.add_scalar(key, row[key], step)
+        for c, r in enumerate(row["ess_ratio"]):
+            writer.add_scalar(f"ess_ratio/class_{c}", r, step)
+        writer.add_histogram("alpha", alpha.detach().cpu(), step)
+
+    return log_step
+
+
+def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
+    """Run (or resume) the main job of ``cfg``: uniform vs learned weights on the frozen features.
+
+    Writes the run directory ``<out_dir>/<name>`` (config, env, metrics, checkpoints, ``weights.pt``,
+    ``per_class_ess.csv``, ``summary.json``, ``DONE``) and returns the summary.
+    """
+    import pandas as pd
+
+    t_start = time.perf_counter()
+    if cfg.threads is not None:
+        torch.set_num_threads(cfg.threads)
+    method = make_method(cfg.hypergrad.method, cfg.hypergrad.options)  # bad method/options fail before any write
+    tb_writer_cls = _tensorboard_writer_cls() if cfg.tensorboard else None
+    run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=overwrite)
+    run.write_env(cfg.seed, cfg.device)
+    writer = tb_writer_cls(str(run.file("tensorboard"))) if tb_writer_cls else None
+    try:
+        t0 = time.perf_counter()
+        fs = features(cfg, progress=progress)
+        t_features = time.perf_counter() - t0
+        setup = head_problem(cfg, fs)
+        problem = setup.problem
+        n = problem.inner.n
+        ones = torch.ones(n, dtype=problem.inner.rows.dtype, device=problem.inner.rows.device)
+        t0 = time.perf_counter()
+        uni = solve_head(problem.inner, ones, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter)
+        t_uniform = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        out = learn_weights(cfg, setup, run=run, progress=progress, method=method,
+                            on_step=_tb_logger(writer) if writer else None)
+        t_learned = time.perf_counter() - t0
+    except BaseException as e:
+        if not isinstance(e, KeyboardInterrupt):
+            run.fail(f"{type(e).__name__}: {e}")
+        raise
+    finally:
+        if writer is not None:
+            writer.close()
+
+    K = fs.num_classes
+    before = pd.DataFrame(class_report(ones, fs.y_train, K, fs.corrupted)).assign(stage="uniform")
+    after = pd.DataFrame(class_report(out.alpha, fs.y_train, K, fs.corrupted)).assign(stage="learned")
+    table = pd.concat([before, after], ignore_index=True)
+    run.write_text("per_class_ess.csv", table.to_csv(index=False, float_format="%.6g"))
+    save_checked(run.file("weights.pt"), {"s": out.s.cpu(), "alpha": out.alpha.cpu(), "labels": fs.y_train.cpu(),
+                                          "clean_labels": fs.y_train_clean.cpu(), "corrupted": fs.corrupted.cpu(),
+                                          "train_index": fs.train_index.cpu()})
+    clean = ~fs.corrupted.bool()
+    summary = {
+        "dataset": cfg.data.dataset, "noise": cfg.data.noise, "noise_rate": cfg.data.noise_rate,
+        "imbalance_factor": cfg.data.imbalance_factor, "method": cfg.hypergrad.method, "seed": cfg.seed,
+        "n_train": n, "n_val": int(problem.X_val.shape[0]), "n_test": int(setup.evals["test"][0].shape[0]),
+        "feature_dim": fs.meta["feature_dim"], "feature_cache_hit": fs.meta["cache_hit"],
+        "warmup_best_val_acc": max((h["val_acc"] for h in fs.meta["warmup_history"]), default=None),
+        "uniform": evaluate_head(uni.W, setup.evals), "learned": evaluate_head(out.W, setup.evals),
+        "auroc": weight_auroc(out.alpha, fs.corrupted),
+        "ess_ratio_min": float(after["ess_ratio"].min()),
+        "mean_weight_clean": float(out.alpha[clean].mean()) if clean.any() else None,
+        "mean_weight_corrupted": float(out.alpha[~clean].mean()) if (~clean).any() else None,
+        "outer_steps": len(out.metrics), "resumed_from": out.resumed_from,
+        "seconds": {"features": t_features, "uniform_head": t_uniform, "learned": t_learned,
+                    "total": time.perf_counter() - t_start},
+        "config_hash": run.hash,
+    }
+    run.finish(summary)
+    return summary
