@@ -11,7 +11,9 @@ Usage::
     python -m analysis staged runs/staged --out tables/
 
 Writes ``<name>.csv`` (+ ``<name>_timing.csv``), ``.md`` and ``.tex`` and prints the Markdown.
-Incomplete or outdated runs are skipped with a warning naming them (``--strict``: fail instead).
+Incomplete, failed, unconverged or outdated runs are skipped with a warning naming each run and why
+(``--strict``: fail instead). Runs whose configs differ (other than seeds, names, paths) are kept
+apart: the table gains those config fields as key columns and a note says so.
 """
 
 from __future__ import annotations
@@ -24,13 +26,17 @@ from reweight.errors import CarrotError
 
 from .build import TABLES, build_table
 from .export import export_table, to_markdown
+from .tables import registration_order
 
 __all__ = ["main"]
 
 def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__,
+    names = registration_order(TABLES)
+    epilog = "tables:\n" + "\n".join(f"  {n:22s} {TABLES.get(n).description} (study: {TABLES.get(n).study})"
+                                      for n in names)
+    p = argparse.ArgumentParser(prog="python -m analysis", description=__doc__, epilog=epilog,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("table", choices=TABLES)
+    p.add_argument("table", choices=names)
     p.add_argument("paths", nargs="+", help="run directories or folders containing them")
     p.add_argument("--out", default=".", help="output folder (default: current folder)")
     p.add_argument("--strict", action="store_true", help="fail on an incomplete/outdated run instead of skipping it")

@@ -15,11 +15,19 @@ directories under any number of paths and returns a :class:`RunSet` whose frames
   ``clean_label``, ``corrupted``, ``train_index``.
 
 Bad runs never vanish silently: a run without ``DONE`` (killed or still running), with a ``FAILED``
-marker, without ``summary.json``, with a summary/metrics/weights file missing a required key (an
-older schema) or a corrupted ``weights.pt`` is reported with its path and what is missing. With
-``strict=False`` (default) such runs are skipped and one :class:`UserWarning` lists them all; with
+marker, marked unconverged in its summary (``"converged": false``), without ``summary.json``, with a
+summary/metrics/weights file missing a required key (an older schema) or a corrupted ``weights.pt``
+is reported with its path and what is missing. With ``strict=False`` (default) such runs are skipped
+and one :class:`SkippedRunWarning` lists them all, one line ``<path>: <reason>`` each; with
 ``strict=True`` a :class:`reweight.errors.RunDirError` is raised. A load that ends with no usable
-run is always an error that names the directories looked at.
+run is always an error that names the directories looked at. A run directory that holds other run
+directories (a run made with an empty name inside ``out_dir``) is loaded together with them, with a
+warning naming it.
+
+Runs of different configs are never pooled silently: :func:`config_differences` lists the config
+fields (other than seeds, names and paths: :data:`IGNORED_CONFIG`) that differ between runs, within
+groups if asked; the tables group rows by them and say so, the figures refuse such a mix
+(:meth:`RunSet.require_one_config`).
 """
 
 from __future__ import annotations
@@ -37,15 +45,19 @@ from reweight.errors import ConfigError, RunDirError
 from reweight.runs import load_checked, run_status
 
 __all__ = [
+    "IGNORED_CONFIG",
     "RunRecord",
     "RunSet",
     "Skipped",
+    "SkippedRunWarning",
     "WEIGHT_KEYS",
     "check_columns",
+    "config_differences",
     "discover_runs",
     "flatten",
     "get_dotted",
     "load_runs",
+    "load_staged_study",
 ]
 
 log = logging.getLogger(__name__)
@@ -54,6 +66,13 @@ PathLike = Union[str, Path]
 
 WEIGHT_KEYS = ("s", "alpha", "labels", "clean_labels", "corrupted", "train_index")
 """Keys of ``weights.pt`` (written by ``experiments.main_job.run_main``)."""
+
+IGNORED_CONFIG = ("seed", "seeds", "feature_seed", "name", "out_dir", "cache_dir", "threads", "device")
+"""Config fields (last dotted component) that may differ between runs that are pooled: seeds, names, paths."""
+
+
+class SkippedRunWarning(UserWarning):
+    """Some run directories were not loaded; the message lists each as ``<path>: <reason>``."""
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "", sep: str = ".") -> Dict[str, Any]:
@@ -173,14 +192,19 @@ def discover_runs(paths: Union[PathLike, Sequence[PathLike]]) -> List[tuple]:
         if not root.exists():
             raise RunDirError(f"The 'paths' parameter of load_runs must name existing directories. "
                               f"Got {str(root)!r} instead (it does not exist).")
+        nested = sorted(q.parent for q in root.rglob("config.yaml")
+                        if q.parent != root and not any(part.startswith(".") or part == "checkpoints"
+                                                        for part in q.relative_to(root).parts[:-1]))
         if (root / "config.yaml").is_file():
-            cands = [root]
             base = root.parent
+            cands = [root] + nested
+            if nested:
+                warnings.warn(f"Run directory {root} holds {len(nested)} other run directories (was it made with "
+                              f"an empty name inside out_dir?); loading it and every run below it.",
+                              UserWarning, stacklevel=3)
         else:
             base = root
-            cands = sorted(q.parent for q in root.rglob("config.yaml")
-                           if not any(part.startswith(".") or part == "checkpoints"
-                                      for part in q.relative_to(root).parts[:-1]))
+            cands = nested
         for c in cands:
             key = c.resolve()
             if key not in seen:
@@ -194,7 +218,7 @@ def _read_json(path: Path) -> Dict[str, Any]:
 
 
 def _check_run(d: Path, require_summary: Sequence[str], require_metrics: Sequence[str], require_weights: bool,
-               allow_incomplete: bool, require_files: Sequence[str] = ()) -> tuple:
+               allow_incomplete: bool, require_files: Sequence[str] = (), allow_unconverged: bool = False) -> tuple:
     """Return ``(record_parts, None)`` or ``(None, reason)``."""
     status = run_status(d)
     if status == "failed":
@@ -215,6 +239,10 @@ def _check_run(d: Path, require_summary: Sequence[str], require_metrics: Sequenc
     absent = [f for f in require_files if not (d / f).is_file()]
     if absent:
         return None, f"file(s) {', '.join(absent)} missing"
+    if summary.get("converged") is False and not allow_unconverged:
+        worst = summary.get("worst_residual", summary.get("worst_rel_residual"))
+        return None, "not converged" + (f" (worst residual {worst:.3g})" if isinstance(worst, (int, float)) else "") \
+            + "; pass allow_unconverged=True to load it"
     missing = [k for k in require_summary if not _has(summary, k)]
     if missing:
         return None, f"summary.json lacks {', '.join(repr(m) for m in missing)} (older schema or other experiment?)"
@@ -256,7 +284,7 @@ def _check_run(d: Path, require_summary: Sequence[str], require_metrics: Sequenc
 def load_runs(paths: Union[PathLike, Sequence[PathLike]], *, require_summary: Sequence[str] = (),
               require_metrics: Sequence[str] = (), require_weights: bool = False,
               require_files: Sequence[str] = (), strict: bool = False, allow_incomplete: bool = False,
-              what: str = "runs") -> "RunSet":
+              allow_unconverged: bool = False, what: str = "runs") -> "RunSet":
     """Load every run directory at or below ``paths``.
 
     Args:
@@ -267,6 +295,7 @@ def load_runs(paths: Union[PathLike, Sequence[PathLike]], *, require_summary: Se
         require_weights: ``weights.pt`` must exist, verify against its checksum and hold :data:`WEIGHT_KEYS`.
         strict: raise on the first load with any unusable run instead of skipping it with a warning.
         allow_incomplete: also load runs without ``DONE`` (they must still have a summary).
+        allow_unconverged: also load runs whose summary says ``"converged": false``.
         what: a name for the runs in messages (e.g. ``"noise-grid runs"``).
 
     Returns:
@@ -287,7 +316,7 @@ def load_runs(paths: Union[PathLike, Sequence[PathLike]], *, require_summary: Se
     skipped: List[Skipped] = []
     for base, d in pairs:
         parts, reason = _check_run(d, require_summary, require_metrics, require_weights, allow_incomplete,
-                                    require_files)
+                                    require_files, allow_unconverged)
         if reason is not None:
             skipped.append(Skipped(str(d), reason))
             continue
@@ -301,7 +330,14 @@ def load_runs(paths: Union[PathLike, Sequence[PathLike]], *, require_summary: Se
             raise RunDirError(f"{len(skipped)} of {len(pairs)} {what} under {looked} are unusable:\n  {listing}")
         msg = f"Skipping {len(skipped)} of {len(pairs)} {what} under {looked}:\n  {listing}"
         log.debug(msg)
-        warnings.warn(msg, UserWarning, stacklevel=2)
+        warnings.warn(msg, SkippedRunWarning, stacklevel=2)
+    names = [r.run for r in records]
+    if len(set(names)) < len(names):  # the same relative name under two roots: name runs from the roots' parent
+        import os
+
+        common = Path(os.path.commonpath([str(Path(p).resolve().parent) for p in paths]))
+        for r in records:
+            r.run = r.path.resolve().relative_to(common).as_posix()
     if not records:
         detail = ("; skipped: " + "; ".join(str(s) for s in skipped)) if skipped else \
             " (no directory with a config.yaml found)"
@@ -423,6 +459,18 @@ class RunSet:
             raise RunDirError(f"Every {name} under {', '.join(self.looked_at)} is empty.")
         return out
 
+    def require_one_config(self, what: str) -> None:
+        """Raise :class:`ConfigError` if the runs' configs differ in anything but :data:`IGNORED_CONFIG`.
+
+        Used by figures that pool runs (seeds): the message names every differing field and the
+        runs holding each value, so the caller can pass the runs of one config only.
+        """
+        diffs = config_differences(self.frame())
+        if diffs:
+            raise ConfigError(f"{what} pools runs of one config only (seeds may differ), but the runs under "
+                              f"{', '.join(self.looked_at)} differ in: {_describe(self.frame(), diffs)}. "
+                              f"Pass the run directories of one config.")
+
     def provenance(self) -> List[Dict[str, Any]]:
         """``[{run, config_hash, git_commit}]`` of every loaded run (sorted by run)."""
         return [{"run": r.run, "config_hash": r.config_hash, "git_commit": r.env.get("git_commit")} for r in self.runs]
@@ -435,3 +483,95 @@ def check_columns(df: "Any", columns: Iterable[str], where: str) -> None:
         raise ConfigError(f"The 'df' parameter of {where} must have columns {missing}. "
                           f"Got columns {sorted(map(str, df.columns))} instead.")
 
+
+
+def config_differences(frame: "Any", by: Sequence[str] = (), ignore: Sequence[str] = IGNORED_CONFIG,
+                       prefix: str = "cfg.") -> List[str]:
+    """Flattened config columns (``cfg.*``) whose values differ between rows of one ``by`` group.
+
+    With ``by=()`` the whole frame is one group. A column is ignored when the last dotted component
+    of its name is in ``ignore`` (seeds, names, paths) or when it is itself in ``by``.
+
+    Example:
+        >>> import pandas as pd
+        >>> f = pd.DataFrame({"run": ["a", "b"], "cfg.seed": [0, 1], "cfg.head.lam": [0.1, 0.3]})
+        >>> config_differences(f)
+        ['cfg.head.lam']
+    """
+    cols = [c for c in frame.columns if str(c).startswith(prefix) and str(c).split(".")[-1] not in ignore
+            and c not in by]
+    if not cols or frame.empty:
+        return []
+    text = frame[cols].astype(str)
+    if by:
+        n = text.join(frame[list(by)].astype(str).rename(columns=lambda c: f"__by_{c}")) \
+            .groupby([f"__by_{c}" for c in by], sort=False, dropna=False).nunique(dropna=False)
+        return [c for c in cols if int(n[c].max()) > 1]
+    return [c for c in cols if text[c].nunique(dropna=False) > 1]
+
+
+def _describe(frame: "Any", cols: Sequence[str], limit: int = 4) -> str:
+    """``key (value: runs; value: runs)`` for each differing column (at most ``limit`` runs per value)."""
+    parts = []
+    for c in cols:
+        vals = []
+        for v, g in frame.groupby(frame[c].astype(str), sort=True):
+            runs = g["run"].tolist()
+            more = f", +{len(runs) - limit} more" if len(runs) > limit else ""
+            vals.append(f"{v}: {', '.join(runs[:limit])}{more}")
+        parts.append(f"{c[4:] if c.startswith('cfg.') else c} ({'; '.join(vals)})")
+    return "; ".join(parts)
+
+
+def load_staged_study(paths: Union[PathLike, Sequence[PathLike]], strict: bool = False) -> tuple:
+    """``(results, runs)`` of ``experiments.staged`` study folders (each holding ``results.csv``).
+
+    ``results`` concatenates every ``results.csv`` (joined with ``results_timing.csv`` when present)
+    with a ``run`` column and the run's flattened config (``cfg.*``), so runs of one strategy whose
+    configs differ can be kept apart; ``runs`` is the :class:`RunSet` of the strategies' run
+    directories. A row whose run directory was skipped (see the :class:`SkippedRunWarning`) or is
+    missing is dropped with a warning naming it (``strict``: an error).
+
+    Raises:
+        RunDirError: if a folder has no ``results.csv``, no run directory is usable, or (``strict``)
+            a listed run is unusable.
+    """
+    import pandas as pd
+
+    if isinstance(paths, (str, Path)):
+        paths = [paths]
+    frames = []
+    for p in paths:
+        p = Path(p)
+        if not (p / "results.csv").is_file():
+            raise RunDirError(f"No staged study at {p}: results.csv is missing (run the staged study first).")
+        df = pd.read_csv(p / "results.csv")
+        tp = p / "results_timing.csv"
+        if tp.is_file() and "seconds" not in df.columns:
+            df = df.merge(pd.read_csv(tp)[["strategy", "seed", "seconds"]], on=["strategy", "seed"], how="left")
+        df["study_dir__"] = str(p)
+        frames.append(df)
+    df = pd.concat(frames, ignore_index=True)
+    rs = load_runs(paths, strict=strict, what="staged runs")
+    by_path = {r.path.resolve(): r.run for r in rs}
+    runs, dropped = [], []
+    for row in df.itertuples():
+        d = Path(str(row.run_dir)) if "run_dir" in df.columns else None
+        cands = [] if d is None else [d, Path(row.study_dir__) / d.name]
+        hit = next((by_path[c.resolve()] for c in cands if c.exists() and c.resolve() in by_path), None)
+        runs.append(hit)
+        if hit is None:
+            dropped.append(f"{row.study_dir__}: {row.strategy} seed {row.seed} ({d}): run directory missing or skipped")
+    df["run"] = runs
+    if dropped:
+        msg = f"Leaving out {len(dropped)} row(s) of results.csv whose run is not usable:\n  " + "\n  ".join(dropped)
+        if strict:
+            raise RunDirError(msg)
+        warnings.warn(msg, SkippedRunWarning, stacklevel=2)
+        df = df[df["run"].notna()].reset_index(drop=True)
+    if df.empty:
+        raise RunDirError(f"No usable staged runs under {', '.join(str(p) for p in paths)}.")
+    frame = rs.frame()
+    cfg = ["run"] + [c for c in frame.columns if str(c).startswith("cfg.")]
+    df = df.drop(columns=["study_dir__"]).merge(frame[cfg], on="run", how="left", validate="many_to_one")
+    return df, rs

@@ -3,8 +3,14 @@ r"""Paper tables built from loaded runs (:mod:`analysis.loading`), aggregated ov
 Every builder returns an :class:`analysis.export.Table` whose rows are in a deterministic order
 and whose value columns are ``<v>_mean``/``<v>_std`` over the runs of a group (sample standard
 deviation, ``ddof=1``: NaN for one seed) plus ``n_runs``. Groups are formed by the table's own keys
-and by every config field that varies between the runs other than seeds, names and paths
-(:func:`varying_config`), so runs of different settings are never averaged together.
+and by every config field that differs between runs of one such group other than seeds, names and
+paths (:func:`analysis.loading.config_differences`), so runs of different settings are never
+averaged together; the table then has those fields as key columns and a note saying so.
+
+Display orders of methods come from the method registries (registration order):
+:func:`method_order` (noise grid: ``oracle``, :data:`reweight.baselines.BASELINES`, then
+``bilevel_<m>`` for :data:`reweight.hypergrad.HYPERGRAD`), :func:`estimator_order` (``exact_loo``,
+then :data:`reweight.attribution.ATTRIBUTION`) and :func:`hypergrad_order`.
 
 =================================  ============================================  ==================================
 builder                            rows                                          source
@@ -34,34 +40,84 @@ import numpy as np
 from reweight.errors import ConfigError, RunDirError
 
 from .export import Column, Table
-from .loading import RunSet, check_columns
+from .loading import IGNORED_CONFIG, RunSet, check_columns, config_differences
 
 __all__ = [
-    "METHOD_ORDER",
     "accuracy_pivot_table",
     "aggregate",
+    "attach_config",
+    "estimator_order",
     "hypergrad_accuracy_table",
+    "hypergrad_order",
     "main_job_table",
     "method_comparison_table",
+    "method_order",
     "per_class_ess_table",
     "rank_correlation_table",
     "rank_correlations",
+    "registration_order",
     "setting_label",
     "sort_rows",
     "staged_table",
     "varying_config",
 ]
 
-METHOD_ORDER = ["oracle", "uniform", "class_balanced", "l2rw", "mwn", "bilevel_cg", "bilevel_cg_balanced",
-                "bilevel_one_step", "bilevel_first_order"]
-"""Display order of noise-grid methods (unknown methods follow, sorted by name)."""
-
 SETTING_ORDER = ["sym20", "sym40", "sym60", "asym40", "lt10", "lt50"]
-ESTIMATOR_ORDER = ["exact_loo", "hypergrad_exact", "hypergrad_cg", "influence_exact", "influence_cg",
-                   "influence_kfac", "influence_diag_ggn", "representer", "tracin", "trak"]
-HYPERGRAD_ORDER = ["exact", "cg", "neumann", "unrolled", "one_step", "first_order"]
+"""Display order of the noise grid's settings (names of ``experiments.noise_grid``, not a registry)."""
 
-IGNORED_CONFIG = ("seed", "seeds", "feature_seed", "name", "out_dir", "cache_dir", "threads", "device")
+
+def registration_order(registry: Any) -> List[str]:
+    """Names of a :class:`reweight.registry.Registry` in registration order.
+
+    ``Registry.names()`` sorts alphabetically; the registration order (the order the methods are
+    introduced in their module, cheapest/reference first) is the display order of the tables and
+    legends. Registry keeps it in its private dict; it should expose it (``Registry.ordered()``).
+    """
+    items = getattr(registry, "_items", None)
+    return list(items) if isinstance(items, dict) else list(registry.names())
+
+
+def hypergrad_order() -> List[str]:
+    """Hypergradient methods in :data:`reweight.hypergrad.HYPERGRAD` registration order."""
+    from reweight.hypergrad import HYPERGRAD
+
+    return registration_order(HYPERGRAD)
+
+
+def estimator_order() -> List[str]:
+    """``exact_loo`` (the reference), then :data:`reweight.attribution.ATTRIBUTION` in registration order."""
+    from reweight.attribution import ATTRIBUTION
+
+    return ["exact_loo"] + registration_order(ATTRIBUTION)
+
+
+def method_order(names: Sequence[str] = ()) -> List[str]:
+    """Noise-grid methods: ``oracle``, the baselines, then ``bilevel_<hypergrad>[_suffix]`` in registry order.
+
+    ``names`` not covered by this rule (other suffixes sort after their base method) follow by name.
+
+    Example:
+        >>> order = method_order(["bilevel_cg_balanced"])
+        >>> order[:5], order.index("bilevel_cg_balanced") == order.index("bilevel_cg") + 1
+        (['oracle', 'uniform', 'class_balanced', 'l2rw', 'mwn'], True)
+    """
+    from reweight.baselines import BASELINES
+
+    base = ["oracle"] + registration_order(BASELINES)
+    hg = hypergrad_order()
+    order = base + [f"bilevel_{h}" for h in hg]
+
+    def key(n: str) -> tuple:
+        if n in order:
+            return (order.index(n), "")
+        for h in sorted(hg, key=len, reverse=True):  # bilevel_cg_balanced -> after bilevel_cg
+            if n.startswith(f"bilevel_{h}_"):
+                return (order.index(f"bilevel_{h}"), n)
+        return (len(order), n)
+
+    extra = sorted((n for n in names if n not in order), key=key)
+    merged = order + extra
+    return sorted(dict.fromkeys(merged), key=key) if extra else order
 
 
 def sort_rows(df: Any, order: Dict[str, Sequence[Any]], by: Sequence[str]) -> Any:
@@ -123,13 +179,20 @@ def varying_config(frame: Any, ignore: Sequence[str] = IGNORED_CONFIG, prefix: s
 
     A column is ignored when the last dotted component of its name is in ``ignore``.
     """
-    out = []
-    for c in frame.columns:
-        if not str(c).startswith(prefix) or str(c).split(".")[-1] in ignore:
-            continue
-        if frame[c].astype(str).nunique(dropna=False) > 1:
-            out.append(c)
-    return out
+    return config_differences(frame, (), ignore, prefix)
+
+
+def attach_config(rows: Any, runs: RunSet, prefix: str = "cfg.") -> Any:
+    """``rows`` (with a ``run`` column, e.g. a concatenated per-run CSV) joined with each run's flattened config."""
+    frame = runs.frame()
+    cols = ["run"] + [c for c in frame.columns if str(c).startswith(prefix)]
+    return rows.merge(frame[cols], on="run", how="left", validate="many_to_one")
+
+
+def _group_note(keys: Sequence[str]) -> List[str]:
+    if not keys:
+        return []
+    return [f"Runs whose configs differ are not pooled: rows are grouped by {', '.join(_pretty(k) for k in keys)}."]
 
 
 def setting_label(noise: Any, noise_rate: Any, imbalance_factor: Any) -> str:
@@ -210,8 +273,9 @@ def rank_correlations(estimate: Sequence[float], truth: Sequence[float], top_fra
 _CLASS_VALUES = ["n_c", "ess", "ess_ratio", "entropy", "mean_w_clean", "mean_w_corrupted", "corruption_rate"]
 
 
-def _cfg_keys(frame: Any) -> List[str]:
-    return varying_config(frame)
+def _cfg_keys(frame: Any, by: Sequence[str] = (), ignore: Sequence[str] = IGNORED_CONFIG) -> List[str]:
+    """Config columns that differ within a ``by`` group: they become extra group keys."""
+    return config_differences(frame, by, ignore)
 
 
 def _pretty(col: str) -> str:
@@ -251,14 +315,18 @@ def per_class_ess_table(runs: RunSet, name: str = "per_class_ess") -> Table:
     df = pd.DataFrame(rows)
     agg = aggregate(df, keys + ["stage", "class"], _CLASS_VALUES)
     agg = sort_rows(agg, {"stage": ["uniform", "learned"]}, keys + ["stage", "class"])
-    cols = [Column("n_c", "n_c", digits=1), Column("ess", "ESS_c", digits=1), Column("ess_ratio", "ESS_c/n_c"),
-            Column("entropy", "entropy H_c"), Column("mean_w_clean", "mean weight clean"),
-            Column("mean_w_corrupted", "mean weight corrupted"), Column("corruption_rate", "corruption rate")]
+    cols = [Column("n_c", "n_c", digits=0, latex="$n_c$"), Column("ess", "ESS_c", digits=1, latex=r"$\mathrm{ESS}_c$"),
+            Column("ess_ratio", "ESS_c/n_c", latex=r"$\mathrm{ESS}_c/n_c$"),
+            Column("entropy", "entropy H_c", latex="$H_c$"),
+            Column("mean_w_clean", "mean weight clean", latex=r"mean $\alpha_i$\\clean"),
+            Column("mean_w_corrupted", "mean weight corrupted", latex=r"mean $\alpha_i$\\corrupted"),
+            Column("corruption_rate", "corruption rate", latex=r"corrupted\\fraction")]
     n = int(agg["n_runs"].max())
     return Table(name, agg, keys + ["stage", "class"], cols,
                  f"Per-class effective sample size before (uniform) and after learning the weights "
                  f"(mean ± std over {n} run(s)).",
-                 best_within=keys + ["stage"], key_labels={k: _pretty(k) for k in keys}, sources=runs.provenance())
+                 best_within=keys + ["stage"], key_labels={k: _pretty(k) for k in keys}, sources=runs.provenance(),
+                 notes=_group_note(keys), key_latex={"class": "$c$"}, span_keys=list(keys))
 
 
 def main_job_table(runs: RunSet, name: str = "main_job") -> Table:
@@ -295,15 +363,19 @@ def main_job_table(runs: RunSet, name: str = "main_job") -> Table:
             "seconds"]
     agg = sort_rows(aggregate(pd.DataFrame(rows), keys + ["weights"], vals), {"weights": ["uniform", "learned"]},
                     keys + ["weights"])
-    cols = [Column("test_acc", "test acc", "max"), Column("val_acc", "val acc", "max"),
-            Column("test_loss", "test loss", "min"), Column("auroc", "AUROC clean vs corrupted"),
-            Column("ess_ratio_min", "min ESS_c/n_c"), Column("mean_weight_clean", "mean weight clean"),
-            Column("mean_weight_corrupted", "mean weight corrupted"),
-            Column("seconds", "time (s)", digits=1, timing=True)]
+    cols = [Column("test_acc", "test acc", "max", latex=r"test\\acc."),
+            Column("val_acc", "val acc", latex=r"val\\acc.", in_sample=True),
+            Column("test_loss", "test loss", "min", latex=r"test\\loss"),
+            Column("auroc", "AUROC clean vs corrupted", latex=r"AUROC\\clean/corr."),
+            Column("ess_ratio_min", "min ESS_c/n_c", latex=r"$\min_c$\\$\mathrm{ESS}_c/n_c$"),
+            Column("mean_weight_clean", "mean weight clean", digits=2, latex=r"mean $\alpha_i$\\clean"),
+            Column("mean_weight_corrupted", "mean weight corrupted", digits=2, latex=r"mean $\alpha_i$\\corrupted"),
+            Column("seconds", "time (s)", digits=1, timing=True, latex=r"time\\(s)")]
     n = int(agg["n_runs"].max())
     return Table(name, agg, keys + ["weights"], cols,
                  f"Main job: L2 head with uniform vs learned weights (mean ± std over {n} seed(s)).",
-                 best_within=keys, key_labels={k: _pretty(k) for k in keys}, sources=runs.provenance())
+                 best_within=keys, key_labels={k: _pretty(k) for k in keys}, sources=runs.provenance(),
+                 notes=_group_note(keys), span_keys=list(keys))
 
 
 _CORR = ["spearman", "kendall", "pearson", "top10", "lds"]
@@ -316,7 +388,9 @@ def rank_correlation_table(per_seed: Any, name: str = "rank_correlations", sourc
     Args:
         per_seed: rows of ``experiments.sanity``'s ``per_seed.csv`` (one per target, lambda, seed,
             method), optionally joined with its ``timings.csv`` (column ``seconds``: fit + score time;
-            the ``exact_loo`` rows carry only their time and are kept as the reference).
+            the ``exact_loo`` rows carry only their time and are kept as the reference) and with
+            the runs' configs (``cfg.*`` columns, :func:`attach_config`): rows of runs whose configs
+            differ are kept apart.
         name: file stem.
         sources: provenance rows.
 
@@ -325,19 +399,26 @@ def rank_correlation_table(per_seed: Any, name: str = "rank_correlations", sourc
     """
     check_columns(per_seed, ["target", "lam", "seed", "method"] + _CORR, "rank_correlation_table")
     timed = "seconds" in per_seed.columns
-    agg = aggregate(per_seed, ["target", "lam", "method"], _CORR + (["seconds"] if timed else []))
-    agg = sort_rows(agg, {"target": ["val", "query"], "method": ESTIMATOR_ORDER}, ["target", "lam", "method"])
+    by = ["target", "lam", "method"]
+    keys = _cfg_keys(per_seed, by, IGNORED_CONFIG + ("lams", "methods", "method_options"))
+    agg = aggregate(per_seed, keys + by, _CORR + (["seconds"] if timed else []))
+    agg = sort_rows(agg, {"target": ["val", "query"], "method": estimator_order()}, keys + by)
     if not timed:  # without timings the exact-LOO rows carry nothing
         agg = agg[agg["method"] != "exact_loo"].reset_index(drop=True)
-    cols = [Column("spearman", "Spearman", "max"), Column("kendall", "Kendall", "max"),
-            Column("pearson", "Pearson", "max"), Column("top10", "top-10% overlap", "max", digits=2),
-            Column("lds", "LDS", "max")] + ([Column("seconds", "time (s)", digits=2, timing=True)] if timed else [])
+    cols = [Column("spearman", "Spearman", "max", latex=r"Spearman\\$\rho$"),
+            Column("kendall", "Kendall", "max", latex=r"Kendall\\$\tau$"),
+            Column("pearson", "Pearson", "max", latex=r"Pearson\\$r$"),
+            Column("top10", "top-10% overlap", "max", digits=2, latex=r"top-10\%\\overlap"),
+            Column("lds", "LDS", "max")] + \
+        ([Column("seconds", "time (s)", digits=2, timing=True, latex=r"time\\(s)")] if timed else [])
     n = int(agg["n_runs"].max())
-    return Table(name, agg, ["target", "lam", "method"], cols,
+    return Table(name, agg, keys + ["target", "lam", "method"], cols,
                  f"Attribution estimators vs exact leave-one-out (mean ± std over {n} seed(s); target val = mean "
                  f"validation loss, query = per-query loss averaged over queries).",
-                 best_within=["target", "lam"], exclude_from_best={"method": ["exact_loo"]},
-                 key_labels={"lam": "λ", "method": "estimator"}, sources=list(sources))
+                 best_within=keys + ["target", "lam"], exclude_from_best={"method": ["exact_loo"]},
+                 key_labels={"lam": "λ", "method": "estimator", **{k: _pretty(k) for k in keys}},
+                 key_latex={"lam": r"$\lambda$"}, sources=list(sources), notes=_group_note(keys),
+                 span_keys=list(keys))
 
 
 _GRID_NEED = ["method", "noise", "noise_rate", "imbalance_factor", "seed", "test_acc", "auroc", "ess_ratio_min",
@@ -360,34 +441,49 @@ def method_comparison_table(runs: RunSet, name: str = "method_comparison") -> Ta
     """Method x setting (noise type/rate, imbalance): test accuracy, AUROC, min per-class ESS ratio, time.
 
     Best test accuracy and AUROC per setting in bold; the ``oracle`` (trained on the true labels)
-    is a reference and never bold.
+    is a reference and never bold. Config fields that differ between runs of one (setting,
+    method) other than seeds become extra key columns (named in a note).
     """
     frame = _grid_frame(runs)
-    extra = [c for c in _cfg_keys(frame) if not any(t in c for t in (".noise", ".imbalance_factor", "method",
-                                                                          "setting", "class_mass", "options"))]
+    extra = _cfg_keys(frame, ["setting", "method"])
     keys = ["setting", "setting_label"] + extra + ["method"]
     agg = aggregate(frame, keys, ["test_acc", "auroc", "ess_ratio_min", "seconds"])
-    agg = sort_rows(agg, {"setting": SETTING_ORDER, "method": METHOD_ORDER}, keys)
+    agg = sort_rows(agg, {"setting": SETTING_ORDER, "method": method_order(agg["method"].unique())}, keys)
     agg = agg.drop(columns=["setting"]).rename(columns={"setting_label": "setting"})
     keys = ["setting"] + extra + ["method"]
-    cols = [Column("test_acc", "test acc", "max"), Column("auroc", "AUROC clean vs corrupted", "max"),
-            Column("ess_ratio_min", "min ESS_c/n_c"), Column("seconds", "time (s)", digits=1, timing=True)]
+    cols = [Column("test_acc", "test acc", "max", latex=r"test\\acc."),
+            Column("auroc", "AUROC clean vs corrupted", "max", latex=r"AUROC\\clean/corr."),
+            Column("ess_ratio_min", "min ESS_c/n_c", latex=r"$\min_c$\\$\mathrm{ESS}_c/n_c$"),
+            Column("seconds", "time (s)", digits=1, timing=True, latex=r"time\\(s)")]
     n = int(agg["n_runs"].max())
     return Table(name, agg, keys, cols,
                  f"Reweighting methods under label noise and class imbalance (mean ± std over {n} seed(s); "
                  f"best per setting in bold, oracle excluded).",
                  best_within=["setting"] + extra, exclude_from_best={"method": ["oracle"]},
-                 key_labels={k: _pretty(k) for k in extra}, sources=runs.provenance())
+                 key_labels={k: _pretty(k) for k in extra}, sources=runs.provenance(), notes=_group_note(extra),
+                 span_keys=list(extra))
 
 
 def accuracy_pivot_table(runs: RunSet, name: str = "method_comparison_acc") -> Table:
-    """Test accuracy, methods as rows and settings as columns (mean ± std); best per column in bold."""
+    """Test accuracy, methods as rows and settings as columns (mean ± std); best per column in bold.
+
+    Raises:
+        ConfigError: if runs of one (setting, method) differ in a config field other than seeds
+            (the pivot has no room for more keys: build :func:`method_comparison_table` instead,
+            or pass the runs of one config).
+    """
     import pandas as pd
 
     frame = _grid_frame(runs)
+    extra = _cfg_keys(frame, ["setting", "method"])
+    if extra:
+        raise ConfigError(f"accuracy_pivot_table pools the seeds of one (setting, method) only, but their configs "
+                          f"differ in {', '.join(_pretty(k) for k in extra)}: pass the runs of one config or build "
+                          f"the method_comparison table, which keeps them apart.")
     agg = aggregate(frame, ["setting", "setting_label", "method"], ["test_acc"])
     settings = sort_rows(agg[["setting", "setting_label"]].drop_duplicates(), {"setting": SETTING_ORDER}, ["setting"])
-    methods = sort_rows(agg[["method"]].drop_duplicates(), {"method": METHOD_ORDER}, ["method"])["method"].tolist()
+    methods = sort_rows(agg[["method"]].drop_duplicates(), {"method": method_order(agg["method"].unique())},
+                        ["method"])["method"].tolist()
     data: Dict[str, List[Any]] = {"method": methods}
     cols = []
     for s, lab in zip(settings["setting"], settings["setting_label"]):
@@ -411,37 +507,56 @@ def hypergrad_accuracy_table(results: Any, name: str = "hypergrad_accuracy", sou
     Args:
         results: rows of ``experiments.hypergrad_accuracy``'s ``results.csv`` (columns dataset,
             method, variant, budget, cost, hvps, inner_steps, cosine, rel_error, spearman_alpha,
-            seconds), one or several runs (seeds are averaged).
+            seconds), one or several runs (seeds are averaged), optionally with the runs' configs
+            (``cfg.*`` columns, :func:`attach_config`): runs whose configs differ are kept apart.
     """
     check_columns(results, ["dataset", "method", "variant", "budget"] + _HG, "hypergrad_accuracy_table")
     timed = "seconds" in results.columns
-    agg = aggregate(results, ["dataset", "method", "variant", "budget"], _HG + (["seconds"] if timed else []))
-    agg = sort_rows(agg, {"method": HYPERGRAD_ORDER}, ["dataset", "method", "variant", "budget"])
+    by = ["dataset", "method", "variant", "budget"]
+    keys = _cfg_keys(results, by, IGNORED_CONFIG + _SWEEP_LISTS)
+    agg = aggregate(results, keys + by, _HG + (["seconds"] if timed else []))
+    agg = sort_rows(agg, {"method": hypergrad_order()}, keys + by)
     agg = agg.drop(columns=["method"])
-    cols = [Column("cost", "cost (HVPs + inner steps)", digits=0), Column("cosine", "cosine to exact", digits=4),
-            Column("rel_error", "relative error", sci=True, digits=2),
-            Column("spearman_alpha", "Spearman of dL/dα", digits=4)]
+    cols = [Column("cost", "cost (HVPs + inner steps)", digits=0, latex=r"cost\\(HVPs + steps)"),
+            Column("cosine", "cosine to exact", digits=4, latex=r"cosine\\to exact"),
+            Column("rel_error", "relative error", sci=True, digits=2, latex=r"relative\\error"),
+            Column("spearman_alpha", "Spearman of dL/dα", digits=4,
+                   latex=r"Spearman of\\$\partial L/\partial\alpha$")]
     if timed:
-        cols.append(Column("seconds", "time (ms)", digits=2, timing=True))
+        cols.append(Column("seconds", "time (ms)", digits=2, timing=True, latex=r"time\\(ms)"))
         agg["seconds_mean"] = agg["seconds_mean"] * 1e3
         agg["seconds_std"] = agg["seconds_std"] * 1e3
-    return Table(name, agg, ["dataset", "variant", "budget"], cols,
+    return Table(name, agg, keys + ["dataset", "variant", "budget"], cols,
                  "Hypergradient methods vs the exact implicit hypergradient (dense solve) as their budget grows.",
-                 sources=list(sources))
+                 key_labels={k: _pretty(k) for k in keys}, sources=list(sources), notes=_group_note(keys),
+                 span_keys=list(keys))
+
+
+_SWEEP_LISTS = ("datasets", "cg_iters", "neumann_orders", "unroll_steps", "unroll_truncated", "repeats")
+"""Config lists of ``experiments.hypergrad_accuracy`` whose element is a row key (dataset, budget)."""
 
 
 def staged_table(results: Any, name: str = "staged", sources: Sequence[Dict[str, Any]] = ()) -> Table:
-    """Staged-training strategies (``experiments.staged`` ``results.csv``): accuracy, AUROC, epochs, time."""
+    """Staged-training strategies (``experiments.staged`` ``results.csv``): accuracy, AUROC, epochs, time.
+
+    ``results`` may carry the runs' configs (``cfg.*`` columns): runs of one strategy whose configs
+    differ (other than seeds) are kept apart. The validation accuracy is in-sample: every strategy
+    picks its best epochs on it and the learned weights are fitted to it.
+    """
     check_columns(results, ["strategy", "seed", "test_acc", "val_acc"], "staged_table")
     df = results.copy()
     for c in ("weights_auroc", "epochs", "seconds"):
         if c not in df.columns:
             df[c] = math.nan
-    agg = aggregate(df, ["strategy"], ["test_acc", "val_acc", "weights_auroc", "epochs", "seconds"])
-    agg = sort_rows(agg, {}, ["strategy"])
-    cols = [Column("test_acc", "test acc", "max"), Column("val_acc", "val acc", "max"),
-            Column("weights_auroc", "AUROC of weights"), Column("epochs", "epochs", digits=1),
-            Column("seconds", "time (s)", digits=1, timing=True)]
+    keys = _cfg_keys(df, ["strategy"])
+    agg = aggregate(df, keys + ["strategy"], ["test_acc", "val_acc", "weights_auroc", "epochs", "seconds"])
+    agg = sort_rows(agg, {}, keys + ["strategy"])
+    cols = [Column("test_acc", "test acc", "max", latex=r"test\\acc."),
+            Column("val_acc", "val acc", latex=r"val\\acc.", in_sample=True),
+            Column("weights_auroc", "AUROC of weights", latex=r"AUROC\\of $\alpha$"),
+            Column("epochs", "epochs", digits=1), Column("seconds", "time (s)", digits=1, timing=True,
+                                                           latex=r"time\\(s)")]
     n = int(agg["n_runs"].max())
-    return Table(name, agg, ["strategy"], cols, f"Staged training strategies (mean ± std over {n} seed(s)).",
-                 sources=list(sources))
+    return Table(name, agg, keys + ["strategy"], cols, f"Staged training strategies (mean ± std over {n} seed(s)).",
+                 key_labels={k: _pretty(k) for k in keys}, sources=list(sources), notes=_group_note(keys),
+                 span_keys=list(keys))

@@ -18,10 +18,12 @@ Steps (each sub-experiment runs as its own process with its own ``--quick`` flag
 
 A step whose module does not exist is skipped with a line in ``INDEX.md``; finished run directories
 are reused on a rerun (each experiment resumes / skips its finished runs), and the feature cache
-(``.carrot_cache``) makes warm-ups a one-time cost. Then the tables (:mod:`analysis.tables`; CSV,
-Markdown, LaTeX) go to ``<out>/tables/`` and the figures (:mod:`paper_figs`; PDF, PNG) to
-``<out>/figures/``, with ``<out>/INDEX.md`` listing every artefact, its source runs and the command
-that made it, and ``provenance.json`` files (git commit, package versions, config hashes).
+(``.carrot_cache``) makes warm-ups a one-time cost. Then every registered table
+(:data:`analysis.TABLES`; CSV, Markdown, LaTeX) goes to ``<out>/tables/`` and every registered
+figure (:data:`paper_figs.FIGURES`; PDF, PNG) to ``<out>/figures/``, each from the runs of the
+study it names, with ``<out>/INDEX.md`` listing every artefact, its source runs, the runs it
+skipped and why, and the command that rebuilds it alone, and ``provenance.json`` files (git
+commit, package versions, config hashes).
 
 Reproducibility: the ``*.csv`` tables hold no wall-clock numbers (those go to ``*_timing.csv``), so
 rerunning the same grid on the same machine gives byte-identical CSV tables.
@@ -31,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import importlib
 import importlib.util
 import json
 import logging
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = ["GRIDS", "Step", "build_artefacts", "main", "plan", "run_steps"]
+__all__ = ["GRIDS", "Step", "build_artefacts", "main", "plan", "run_steps", "study_dirs", "write_index"]
 
 log = logging.getLogger(__name__)
 
@@ -229,130 +230,86 @@ def _sources_hash(sources: Sequence[Dict[str, Any]]) -> str:
 
 
 def _guard(art: Artefact, fn: Callable[[], None]) -> Artefact:
-    """Run ``fn`` collecting warnings (skipped runs) and turning errors into a recorded failure."""
+    """Run ``fn`` collecting warnings (skipped runs, named) and turning errors into a recorded failure."""
+    from analysis.loading import SkippedRunWarning
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         try:
             fn()
-        except BaseException as e:  # noqa: BLE001 -- SystemExit from figure scripts included
-            if isinstance(e, KeyboardInterrupt):
-                raise
+        except Exception as e:  # noqa: BLE001 -- one artefact's failure must not stop the others
             art.status = "failed"
             art.message = f"{type(e).__name__}: {e}".strip()
             log.debug("artefact %s failed:\n%s", art.name, traceback.format_exc())
-    art.warnings = [str(w.message) for w in caught if str(w.message).startswith("Skipping")]
+    art.warnings = [str(w.message) for w in caught if issubclass(w.category, SkippedRunWarning)]
     return art
 
 
+def study_dirs(steps: Sequence[Step]) -> Dict[str, Path]:
+    """``{study: folder holding its runs}`` from the plan: a step's output, or the common parent of a study's steps."""
+    outs: Dict[str, List[Path]] = {}
+    for st in steps:
+        outs.setdefault(st.name.split("_seed")[0], []).append(Path(st.output))
+    return {k: v[0] if len(v) == 1 else Path(os.path.commonpath([str(x) for x in v])) for k, v in outs.items()}
+
+
 def build_artefacts(out: Path, quick: bool, steps: Sequence[Step]) -> List[Artefact]:
-    """Build every table (``<out>/tables``) and figure (``<out>/figures``) from the runs of the grid."""
-    from analysis.build import build_table
+    """Build every registered table (``<out>/tables``) and figure (``<out>/figures``) from the runs of the grid.
+
+    Iterates :data:`analysis.TABLES` and :data:`paper_figs.FIGURES` in registration order; each
+    entry names the study whose runs it reads, and the study's folder comes from the plan
+    (:func:`study_dirs`). An artefact whose study was skipped (or is not in the plan) is recorded as
+    skipped; one whose build fails is recorded as failed with the error, and the others are built.
+    """
+    from analysis import TABLES
     from analysis.export import export_table
-    from analysis.loading import load_runs
-    from reweight.runs import environment_info
+    from analysis.tables import registration_order
+    from paper_figs import FIGURES
+    from reweight.runs import atomic_write_json, environment_info
 
     grid = "quick" if quick else "full"
-    R = out / "runs" / grid
     T, F = out / "tables", out / "figures"
     env = environment_info()
+    dirs = study_dirs(steps)
     status = {s.name.split("_seed")[0]: s for s in steps}
     arts: List[Artefact] = []
 
-    def missing_step(step: str) -> Optional[str]:
-        s = status.get(step)
-        if s is not None and s.status == "skipped":
-            return s.message
-        return None
-
-    def add(art: Artefact, step: str, go: Callable[[], None]) -> None:
-        """Build ``art`` with ``go`` (errors recorded by ``_guard``), or record it as skipped when ``step`` is."""
-        why = missing_step(step)
-        if why:
-            art.status, art.message = "skipped", why
+    def add(art: Artefact, study: str, go: Callable[[], None]) -> None:
+        s = status.get(study)
+        if study not in dirs:
+            art.status, art.message = "skipped", f"no step of this grid produces the {study!r} study"
+            arts.append(art)
+        elif s is not None and s.status == "skipped":
+            art.status, art.message = "skipped", s.message
             arts.append(art)
         else:
             arts.append(_guard(art, go))
 
-    def table(name: str, desc: str, step: str, build: Callable[[], Any], src: Path) -> None:
-        art = Artefact("table", name, desc, command=f"python -m analysis {name} {src} --out {T}")
+    for name in registration_order(TABLES):
+        spec = TABLES.get(name)
+        src = dirs.get(spec.study)
+        art = Artefact("table", name, spec.description, command=f"python -m analysis {name} {src} --out {T}")
 
-        def go() -> None:
-            t = build()
+        def go(spec=spec, src=src, art=art) -> None:
+            t = spec([src])
             art.sources = t.sources
             prov = {"git_commit": env.get("git_commit"), "sources_hash": _sources_hash(t.sources),
                     "generated_by": art.command}
             art.files = [str(p) for p in export_table(t, T, provenance=prov)]
 
-        add(art, step, go)
+        add(art, spec.study, go)
 
-    def figure(name: str, desc: str, step: str, draw: Callable[[Path], Any], cmd: str) -> None:
-        art = Artefact("figure", name, desc, command=cmd)
+    for name in registration_order(FIGURES):
+        spec = FIGURES.get(name)
+        src = dirs.get(spec.study)
+        art = Artefact("figure", name, spec.description, command=f"carrot figure {name} {src} --out {F / name}")
 
-        def go() -> None:
-            paths = draw(F / name)
-            art.files = [str(p) for p in (paths or [])]
+        def draw(spec=spec, src=src, art=art) -> None:
+            art.files = [str(p) for p in spec([src], F / spec.name)]
 
-        add(art, step, go)
-
-    main_dir, grid_dir = R / "main", R / "noise_grid"
-    hg_dir, sanity_dir, faith_dir, staged_dir = R / "hypergrad_accuracy", R / "sanity", R / "faithfulness" / "main", R / "staged"
-
-    def main_runs(weights: bool = False):
-        return load_runs(main_dir, require_summary=["learned.test_acc", "uniform.test_acc", "auroc", "ess_ratio_min"],
-                         require_weights=weights, what="main-job runs")
-
-    # ---- tables (analysis.build.build_table; `python -m analysis <name> <dir>` rebuilds one) ----
-    for name, desc, step, src in (
-            ("main_job", "uniform vs learned weights (main job, mean ± std over seeds)", "main_job", main_dir),
-            ("per_class_ess", "per-class ESS, entropy, clean/corrupted mean weight, before/after learning", "main_job",
-             main_dir),
-            ("method_comparison", "method x setting: test accuracy, AUROC, min ESS ratio", "noise_grid", grid_dir),
-            ("method_comparison_acc", "test accuracy pivot: methods x settings", "noise_grid", grid_dir),
-            ("rank_correlations", "estimators vs exact LOO: Spearman, Kendall, Pearson, top-10%, LDS", "sanity",
-             sanity_dir),
-            ("hypergrad_accuracy", "hypergradient ladder: cosine / relative error vs cost", "hypergrad_accuracy", hg_dir),
-            ("staged", "staged-training strategies: accuracy, AUROC, epochs", "staged", staged_dir)):
-        table(name, desc, step, lambda name=name, src=src: build_table(name, [src]), src)
-
-    # ---- figures -----------------------------------------------------------------------------
-    def fig_cmd(module: str, src: Path, name: str, extra: str = "") -> str:
-        return f"python -m paper_figs.{module} {src}{extra} --out {F / name}"
-
-    from paper_figs.class_ess import plot_class_ess
-    from paper_figs.hypergrad_cost import plot_hypergrad_cost
-    from paper_figs.trajectories import plot_trajectories
-    from paper_figs.weight_hist import plot_weight_hist
-
-    figure("weight_hist", "histogram of learned weights, clean vs corrupted samples", "main_job",
-           lambda stem: plot_weight_hist(main_runs(weights=True), stem), fig_cmd("weight_hist", main_dir, "weight_hist"))
-    figure("class_ess", "per-class ESS/n_c, learned vs uniform, with the clean fraction", "main_job",
-           lambda stem: plot_class_ess(main_runs(weights=True), stem), fig_cmd("class_ess", main_dir, "class_ess"))
-    figure("trajectories", "validation loss, AUROC, min ESS ratio and test accuracy per outer step", "main_job",
-           lambda stem: plot_trajectories(main_dir, stem), fig_cmd("trajectories", main_dir, "trajectories"))
-    figure("hypergrad_cost", "hypergradient cosine / relative error vs cost", "hypergrad_accuracy",
-           lambda stem: plot_hypergrad_cost([hg_dir], stem), fig_cmd("hypergrad_cost", hg_dir, "hypergrad_cost"))
-
-    def external(module: str, fn: str, call: Callable[[Any, Path], Any]) -> Callable[[Path], Any]:
-        def draw(stem: Path):
-            if not _module_exists(f"paper_figs.{module}"):
-                raise ImportError(f"paper_figs.{module} does not exist in this checkout")
-            mod = importlib.import_module(f"paper_figs.{module}")
-            return call(getattr(mod, fn), stem)
-        return draw
-
-    figure("staged_curves", "accuracy per epoch per staged strategy (paper_figs.staged_curves)", "staged",
-           external("staged_curves", "plot_staged_curves", lambda f, stem: f(staged_dir, stem)),
-           f"python -m paper_figs.staged_curves {staged_dir} --out {F / 'staged_curves'}")
-    figure("loo_scatter", "exact LOO vs estimate, per estimator (paper_figs.loo_scatter)", "sanity",
-           external("loo_scatter", "plot_loo_scatter", lambda f, stem: f(sanity_dir / "main", out=stem)),
-           f"python -m paper_figs.loo_scatter {sanity_dir / 'main'} --out {F / 'loo_scatter'}")
-    figure("faithfulness", "faithfulness curves (paper_figs.faithfulness)", "faithfulness",
-           external("faithfulness", "plot_faithfulness", lambda f, stem: f(faith_dir, out=stem)),
-           f"python -m paper_figs.faithfulness {faith_dir} --out {F / 'faithfulness'}")
+        add(art, spec.study, draw)
 
     # ---- provenance --------------------------------------------------------------------------
-    from reweight.runs import atomic_write_json
-
     for kind, folder in (("table", T), ("figure", F)):
         items = {a.name: {"files": [Path(f).name for f in a.files], "status": a.status,
                           "sources": a.sources, "sources_hash": _sources_hash(a.sources) if a.sources else None,

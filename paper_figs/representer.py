@@ -1,53 +1,82 @@
-"""Figure: a query image with its supporting and inhibiting training images (representer points).
+"""Figure: test queries with their supporting and inhibiting training images (representer points).
 
-Fits the L2 head on the default cached features (``experiments.sanity.load_problem``; seconds) and
-explains the predicted logit of each query with :func:`reweight.attribution.explain`: the ``k``
+Takes one finished sanity run directory and rebuilds what it needs from the library alone: the
+run's ``config.yaml`` gives the data, backbone and feature settings and ``feature_seed``, so
+:func:`reweight.features.build_features` returns the same features (from the feature cache when it
+is still there, else recomputed), and :class:`reweight.attribution.AttributionProblem` fits the L2
+head at the run's middle ``lam``. Each query row (two test rows, at 15 % and 62 % of the
+class-sorted test split) is explained with :func:`reweight.attribution.explain`: the ``k``
 training samples with the largest representer contributions :math:`r_{i,c}\\,k(i,x)` (support) and
-the ``k`` most negative (inhibit), shown as MNIST images with their observed training label
-(magenta when that label is corrupted) and contribution. Training rows map to dataset images via
-``FeatureSet.train_index``; test rows via the deterministic split of ``reweight.data.prepare_data``.
-Saves ``<stem>.pdf`` and ``<stem>.png``.
+the ``k`` most negative (inhibit), shown as images with their observed training label (magenta
+when that label is corrupted) and contribution. Training rows map to dataset images via
+``FeatureSet.train_index``; test rows via the deterministic split of
+:func:`reweight.data.prepare_data`. Full text width.
 
-Usage::
-
-    .venv/bin/python -m paper_figs.representer [--lam 0.1] [--queries 150 620] [--k 4] [--out STEM]
+Command line: ``carrot figure representer SANITY_RUN_DIR --out STEM``.
 """
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Any, Dict, List, Sequence, Tuple
 
-__all__ = ["main", "plot_representer"]
+__all__ = ["QUERY_FRACTIONS", "draw", "load_sanity_problem"]
+
+QUERY_FRACTIONS = (0.15, 0.62)
+"""Positions of the explained queries in the (class-sorted) test split."""
 
 
-def plot_representer(lam: float = 0.1, queries: Sequence[int] = (150, 620), k: int = 4,
-                     out: str | Path = "runs/figures/representer") -> List[Path]:
-    """Draw one row per test query: the query, its ``k`` supporters and its ``k`` inhibitors."""
+def load_sanity_problem(config: Dict[str, Any], lam: float) -> Tuple[Any, Any, Any, Any]:
+    """``(problem, features, dataset, splits)`` of a sanity run's ``config`` at ``lam``, from the library only.
+
+    The head is fitted in float64 on bias-augmented features, as the sanity study does.
+    """
+    import torch
+
+    from reweight.attribution import AttributionProblem
+    from reweight.config import BackboneConfig, DataConfig, FeatureConfig, from_dict
+    from reweight.data import load_dataset, prepare_data
+    from reweight.features import build_features
+    from reweight.head import add_bias
+
+    data = from_dict(DataConfig, config.get("data"), "data")
+    backbone = from_dict(BackboneConfig, config.get("backbone"), "backbone")
+    feats = from_dict(FeatureConfig, config.get("features"), "features")
+    seed = int(config.get("feature_seed", 0))
+    fs = build_features(data, backbone, feats, seed)
+    X = add_bias(fs.X_train.to(torch.float64))
+    # positional: the solve tolerance (keyword ``tol``, renamed ``grad_tol`` in the next release)
+    pr = AttributionProblem.from_data(X, fs.y_train, fs.num_classes, lam, None, float(config.get("loo_tol", 1e-10)))
+    ds = load_dataset(data.dataset)
+    split = prepare_data(ds, data.val_fraction, data.test_fraction, data.noise, data.noise_rate,
+                         data.imbalance_factor, seed)
+    return pr, fs, ds, split
+
+
+def draw(runs: Sequence[Path], stem: Path, k: int = 4) -> List[Path]:
+    """Draw one row per query from the one sanity run under ``runs``: the query, ``k`` supporters, ``k`` inhibitors."""
     import matplotlib.pyplot as plt
     import torch
 
-    from experiments.sanity import SanityConfig, load_problem
     from reweight.attribution import explain
-    from reweight.data import load_dataset, prepare_data
+    from reweight.head import add_bias
 
-    from .style import DOUBLE_COL, PALETTE, apply_style, save_figure
+    from .loo_scatter import one_run
+    from .style import DOUBLE_COL, PALETTE, apply_style, finish
 
-    cfg = SanityConfig(lams=[lam])
-    pr, fs, sp = load_problem(cfg, lam)
-    ds = load_dataset(cfg.data.dataset)
-    split = prepare_data(ds, cfg.data.val_fraction, cfg.data.test_fraction, cfg.data.noise, cfg.data.noise_rate,
-                         cfg.data.imbalance_factor, cfg.feature_seed)
-    q = torch.as_tensor(list(queries))
-    ex = explain(pr, sp["X_test"][q], k=k)
+    run = one_run(runs, [], "representer", "sanity runs")
+    lams = sorted(float(x) for x in run.config.get("lams", [0.1]))
+    lam = lams[len(lams) // 2]
+    pr, fs, ds, split = load_sanity_problem(run.config, lam)
+    n_test = int(fs.X_test.shape[0])
+    q = torch.as_tensor(sorted({min(n_test - 1, int(f * n_test)) for f in QUERY_FRACTIONS}))
+    ex = explain(pr, add_bias(fs.X_test.to(torch.float64))[q], k=k)
     apply_style()
     ncol = 1 + 2 * k
-    fig, axes = plt.subplots(len(q), ncol, figsize=(DOUBLE_COL, 0.95 * len(q) + 0.3), squeeze=False)
+    fig, axes = plt.subplots(len(q), ncol, figsize=(DOUBLE_COL, 1.05 * len(q) + 0.35), squeeze=False)
     for r, qi in enumerate(q.tolist()):
-        img = ds.images[split.test[qi], 0]
-        axes[r, 0].imshow(img, cmap="gray_r")
-        pred, true = int(ex.cls[r]), int(sp["y_test"][qi])
+        axes[r, 0].imshow(ds.images[split.test[qi], 0], cmap="gray_r")
+        pred, true = int(ex.cls[r]), int(fs.y_test[qi])
         axes[r, 0].set_title(f"query: pred {pred}\n(true {true})", fontsize=7)
         for j in range(2 * k):
             support = j < k
@@ -56,7 +85,7 @@ def plot_representer(lam: float = 0.1, queries: Sequence[int] = (150, 620), k: i
             ax = axes[r, 1 + j]
             ax.imshow(ds.images[int(fs.train_index[row]), 0], cmap="gray_r")
             corrupted = bool(fs.corrupted[row])
-            ax.set_title(f"y={int(fs.y_train[row])} {val:+.2f}", fontsize=6,
+            ax.set_title(f"y={int(fs.y_train[row])}{'*' if corrupted else ''}\n{val:+.2f}", fontsize=7,
                          color=PALETTE["corrupted"] if corrupted else "black")
         for ax in axes[r]:
             ax.set_xticks([])
@@ -64,28 +93,12 @@ def plot_representer(lam: float = 0.1, queries: Sequence[int] = (150, 620), k: i
             ax.grid(False)
             for side in ax.spines.values():
                 side.set_visible(False)
-    fig.tight_layout(rect=(0, 0, 1, 0.9))
-    x0, x1 = axes[0, 1].get_position().x0, axes[0, 1 + k].get_position().x0
-    fig.text(x0, 0.95, "supporting: largest $r_{i,c}\\,k(i,x)$, c = predicted class", fontsize=7)
-    fig.text(x1, 0.95, "inhibiting: most negative", fontsize=7)
-    paths = save_figure(fig, out)
-    plt.close(fig)
-    return paths
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m paper_figs.representer", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--lam", type=float, default=0.1)
-    p.add_argument("--queries", type=int, nargs="+", default=[150, 620],
-                   help="test-split rows to explain (the split is sorted by class)")
-    p.add_argument("--k", type=int, default=4)
-    p.add_argument("--out", default="runs/figures/representer", help="output stem (default %(default)s)")
-    args = p.parse_args(argv)
-    for path in plot_representer(args.lam, args.queries, args.k, args.out):
-        print(path)
-    return 0
+    fig.suptitle(f"left: query; then {k} supporting (largest $r_{{i,c}}\\,k(i,x)$, $c$ = predicted class) and {k} "
+                 f"inhibiting training images ($\\lambda$ = {lam:g}; * = corrupted label)", fontsize=7)
+    return finish(fig, stem)
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from paper_figs._shim import deprecated_main
+
+    deprecated_main("representer")

@@ -282,6 +282,11 @@ def test_main_job_table_and_export(main_runs, tmp_path):
     assert timing.columns.tolist() == ["weights", "seconds_mean", "seconds_std"]
     md = (tmp_path / "a" / "main_job.md").read_text()
     assert "| learned | **0.850 ± 0.071** |" in md  # best test accuracy in bold
+    # the validation accuracy is in-sample (the learned weights are fitted to it): labelled, never bold
+    assert "| val acc (in-sample) |" in md and "| learned | **0.850 ± 0.071** | 0.860 ± 0.071 |" in md
+    assert "*In-sample: measured on the clean validation split" in md
+    tex = (tmp_path / "a" / "main_job.tex").read_text()
+    assert r"val\\acc.\\(in-sample)" in tex and r"\mathbf{0.860}" not in tex
     # reruns give identical CSV bytes
     export_table(main_job_table(load_runs(main_runs)), tmp_path / "b")
     assert (tmp_path / "a" / "main_job.csv").read_bytes() == (tmp_path / "b" / "main_job.csv").read_bytes()
@@ -318,7 +323,8 @@ def test_rank_correlation_table(tmp_path):
     md = to_markdown(t)
     assert "| val | 0.1 | exact_loo | -- |" in md and "**0.800 ± 0.141**" in md
     tex = to_latex(t)
-    assert r"exact\_loo" in tex and r"$\mathbf{0.800 \pm 0.141}$" in tex
+    assert r"exact\_loo" in tex and r"$\mathbf{0.800}${\scriptsize$\,\pm\,$0.141}" in tex
+    assert r"$\lambda$" in tex and r"Spearman\\$\rho$" in tex  # math headers
     with pytest.raises(ConfigError, match=r"rank_correlation_table must have columns \['lds'\]"):
         rank_correlation_table(_sanity_rows().drop(columns=["lds"]))
 
@@ -395,7 +401,9 @@ def test_latex_is_escaped_balanced_and_booktabs(main_runs):
             assert line.count("&") == len(t.keys) + len(t.columns) - 1, line
     assert tex.count("{") == tex.count("}")
     assert tex.count("$") % 2 == 0
-    assert re.search(r"(?<!\\)_", tex.split(r"\toprule")[1]) is None  # every underscore in the table escaped
+    text_mode = re.sub(r"\$[^$]*\$", "", tex.split(r"\toprule")[1])  # math ($\mathrm{ESS}_c$) may subscript
+    assert re.search(r"(?<!\\)_", text_mode) is None  # every underscore of the text escaped
+    assert r"$\mathrm{ESS}_c/n_c$" in tex and "$H_c$" in tex
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert rule in tex
     assert escape_latex("a_b 50% & #1 {x} ~^\\") == r"a\_b 50\% \& \#1 \{x\} \textasciitilde{}\textasciicircum{}\textbackslash{}"
@@ -403,7 +411,7 @@ def test_latex_is_escaped_balanced_and_booktabs(main_runs):
 
 def test_format_cell():
     assert format_cell(0.9016, 0.0041) == "0.902 ± 0.004"
-    assert format_cell(0.9016, 0.0041, latex=True) == r"$0.902 \pm 0.004$"
+    assert format_cell(0.9016, 0.0041, latex=True) == r"$0.902${\scriptsize$\,\pm\,$0.004}"
     assert format_cell(0.9, float("nan")) == "0.900"
     assert format_cell(float("nan"), 0.1) == "--"
     assert format_cell(1.2345e-5, None, digits=2, sci=True) == "1.2e-05"
@@ -456,13 +464,232 @@ def test_runset_accessors_name_the_run_that_lacks_data(tmp_path):
         load_runs(root).metrics(require=["val_loss"])
 
 
-@pytest.mark.parametrize("name", ["analysis.loading", "analysis.tables", "analysis.export", "analysis.build",
-                                  "analysis.__main__", "paper_figs.style", "paper_figs.weight_hist",
+@pytest.mark.parametrize("name", ["analysis", "analysis.loading", "analysis.tables", "analysis.export", "analysis.build",
+                                  "analysis.__main__", "paper_figs", "paper_figs.style", "paper_figs.weight_hist",
                                   "paper_figs.class_ess", "paper_figs.hypergrad_cost", "paper_figs.trajectories",
-                                  "experiments.paper"])
+                                  "paper_figs.staged_curves", "paper_figs.loo_scatter", "paper_figs.faithfulness",
+                                  "paper_figs.representer", "paper_figs._shim", "experiments.paper"])
 def test_public_names_sorted_and_importable(name):
     import importlib
 
     m = importlib.import_module(name)
     assert m.__all__ == sorted(m.__all__)
     assert all(hasattr(m, n) for n in m.__all__)
+
+
+# ------------------------------------------------------------------------------------------------
+# registry, display orders, config pooling, skipped runs, LaTeX width
+# ------------------------------------------------------------------------------------------------
+
+
+def test_in_sample_column_is_never_bold_and_must_not_ask_for_it():
+    df = pd.DataFrame({"k": ["a", "b"], "v": [1.0, 2.0]})
+    t = Table("t", df, ["k"], [Column("v", "val acc", in_sample=True)], "c")
+    assert not t.best_mask(t.columns[0]).any()
+    assert "| val acc (in-sample) |" in to_markdown(t) and "(in-sample)" in to_latex(t)
+    with pytest.raises(ConfigError, match=r"'better' parameter of Column 'v' must be None for an in-sample column"):
+        Column("v", "val acc", "max", in_sample=True)
+
+
+def test_display_orders_come_from_the_method_registries(monkeypatch):
+    from analysis.tables import estimator_order, hypergrad_order, method_order, registration_order
+    from reweight.attribution import ATTRIBUTION
+    from reweight.baselines import BASELINES
+    from reweight.hypergrad import HYPERGRAD
+
+    assert hypergrad_order() == registration_order(HYPERGRAD) and hypergrad_order()[0] == "exact"
+    assert estimator_order() == ["exact_loo"] + registration_order(ATTRIBUTION)
+    assert method_order()[:1 + len(BASELINES)] == ["oracle"] + registration_order(BASELINES)
+    # a newly registered baseline appears in the tables' order without touching analysis/
+    monkeypatch.setattr(BASELINES, "_items", {"zeta_new": object(), **BASELINES._items})
+    assert method_order()[1] == "zeta_new"
+    o = method_order(["bilevel_cg_balanced", "unknown_method"])
+    assert o.index("bilevel_cg_balanced") == o.index("bilevel_cg") + 1 and o[-1] == "unknown_method"
+
+
+def _per_seed_run(root: Path, name: str, noise_rate: float = 0.4) -> Path:
+    run = make_run(root / name, {"name": name, "seeds": [0, 1], "lams": [0.1], "data": {"noise_rate": noise_rate}},
+                   {"lams": [0.1]})
+    _sanity_rows().to_csv(run / "per_seed.csv", index=False)
+    return run
+
+
+def _hg_run(root: Path, name: str, seed: int, warm_steps: int = 5) -> Path:
+    rows = [{"dataset": "digits", "method": m, "variant": m, "budget": b, "cost": c, "hvps": c, "inner_steps": 0,
+             "cosine": cos, "rel_error": 1 - cos, "spearman_alpha": cos, "seconds": 0.002}
+            for m, b, c, cos in (("exact", 0, 0, 1.0), ("cg", 5, 5, 0.99 - 0.01 * seed), ("first_order", 0, 0, 0.7))]
+    run = make_run(root / name, {"name": name, "seed": seed, "warm_steps": warm_steps}, {"points": 3})
+    pd.DataFrame(rows).to_csv(run / "results.csv", index=False)
+    return run
+
+
+def _staged_study(root: Path, lr: float = 0.01, seeds=(0, 1)) -> Path:
+    rows = []
+    for seed in seeds:
+        for st in ("a_head_only", "b_focus"):
+            name = f"{st}_s{seed}"
+            make_run(root / name, {"name": name, "seed": seed, "strategy": st, "backbone": {"lr": lr}},
+                     {"test_acc": 0.7}, [{"global_epoch": 0, "stage": "s", "test_acc": 0.6, "val_acc": 0.6}])
+            rows.append({"strategy": st, "seed": seed, "run_dir": str(root / name), "test_acc": 0.7 + 0.1 * seed,
+                         "val_acc": 0.8, "weights_auroc": 0.9, "epochs": 3})
+    pd.DataFrame(rows).to_csv(root / "results.csv", index=False)
+    return root
+
+
+@pytest.fixture
+def every_source(tmp_path, main_runs, grid_runs):
+    """A source folder per study, for every registered table."""
+    hg = tmp_path / "hg"
+    for seed in (0, 1):
+        _hg_run(hg, f"s{seed}", seed)
+    return {"main_job": main_runs, "noise_grid": grid_runs, "sanity": _per_seed_run(tmp_path / "sanity", "main"),
+            "hypergrad_accuracy": hg, "staged": _staged_study(tmp_path / "staged")}
+
+
+def _pdflatex_width(tex: str, tmp: Path) -> float:
+    """Width (pt) of the tabular of ``tex`` typeset by pdflatex at \\small in a 10-pt article."""
+    import subprocess
+
+    tab = tex[tex.index(r"\begin{tabular}"):tex.rindex(r"\end{tabular}") + len(r"\end{tabular}")]
+    sep = re.search(r"\\setlength\{\\tabcolsep\}\{[^}]*\}", tex)
+    doc = (r"\documentclass[10pt]{article}\usepackage{booktabs}\begin{document}" "\n"
+           r"\newsavebox\tb\sbox\tb{\small " + (sep.group(0) if sep else "") + tab + "}\n"
+           r"\typeout{TABWIDTH=\the\wd\tb}\usebox\tb\end{document}")
+    (tmp / "t.tex").write_text(doc)
+    out = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "t.tex"], cwd=tmp,
+                         capture_output=True, text=True, timeout=120)
+    m = re.search(r"TABWIDTH=([\d.]+)pt", out.stdout)
+    assert out.returncode == 0 and m, out.stdout[-3000:]
+    return float(m.group(1))
+
+
+def test_every_registered_table_builds_and_fits_the_text_width(every_source, tmp_path):
+    """TABLES: one signature build(paths, strict=False) -> Table; every LaTeX rendering fits 6.75 in at 9 pt.
+
+    The width check is a documented heuristic (analysis.export.latex_width: Computer Modern glyph
+    widths plus a 6 % margin). Where pdflatex is installed, each table is also typeset and its real
+    width must fit and stay below the estimate (the estimate errs on the wide side).
+    """
+    import inspect
+    import shutil
+    import warnings
+
+    from analysis import TABLES
+    from analysis.build import TableSpec, build_table
+    from analysis.export import DOUBLE_COL_PT, TableWidthWarning, latex_width
+
+    assert len(TABLES) == 7
+    for name in TABLES.names():
+        spec = TABLES.get(name)
+        assert isinstance(spec, TableSpec) and spec.description and spec.study in every_source
+        assert list(inspect.signature(spec.__call__).parameters) == ["paths", "strict"]
+        t = spec([every_source[spec.study]])
+        assert t.name == name and len(t.data) > 0 and t.sources
+        assert build_table(name, [every_source[spec.study]], strict=True).name == name
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", TableWidthWarning)
+            tex = to_latex(t)
+        est = float(re.search(r"% estimated width: ([\d.]+) in", tex).group(1)) * 72.27
+        assert est <= DOUBLE_COL_PT, (name, est)
+        assert (r"\begin{table}" in tex) == (est <= 3.25 * 72.27)
+        assert r"\toprule" in tex and r"\bottomrule" in tex
+        if shutil.which("pdflatex"):
+            real = _pdflatex_width(tex, tmp_path)
+            assert real <= DOUBLE_COL_PT and real <= est + 1.0, (name, real, est)
+    assert latex_width(TABLES.get("main_job")([every_source["main_job"]]), size=9) > 0
+
+
+def test_latex_width_warns_when_a_table_cannot_fit():
+    from analysis.export import TableWidthWarning
+
+    df = pd.DataFrame({"k": ["a"], **{f"c{i}_mean": [0.123456] for i in range(14)},
+                       **{f"c{i}_std": [0.01] for i in range(14)}})
+    t = Table("wide", df, ["k"], [Column(f"c{i}", f"a long column header {i}") for i in range(14)], "c")
+    with pytest.warns(TableWidthWarning, match=r"'wide' is about .* in wide at 9 pt, more than the 6.75 in"):
+        to_latex(t)
+
+
+def test_tables_keep_runs_of_different_configs_apart_and_say_so(tmp_path, every_source):
+    from analysis.build import build_table
+
+    # main job: two noise rates x two seeds -> grouped, with a note
+    root = tmp_path / "runs"
+    for seed in (0, 1):
+        for rate in (0.2, 0.4):
+            make_run(root / f"r{rate}_s{seed}", main_config(seed, noise_rate=rate), main_summary(seed))
+    t = build_table("main_job", [root])
+    assert t.keys == ["cfg.data.noise_rate", "weights"] and set(t.data["n_runs"]) == {2}
+    tex = to_latex(t)  # the config field is a spanning group line, not a column: the table keeps its width
+    assert "rows are grouped by data.noise_rate" in to_markdown(t) and "grouped by data.noise\\_rate" in tex
+    assert r"\multicolumn{9}{l}{\emph{data.noise\_rate = 0.2}}" in tex and "| data.noise_rate |" in to_markdown(t)
+    # sanity: two runs at different noise rates are not averaged together
+    _per_seed_run(tmp_path / "sanity2", "a", 0.4)
+    _per_seed_run(tmp_path / "sanity2", "b", 0.2)
+    t = build_table("rank_correlations", [tmp_path / "sanity2"])
+    assert t.keys[0] == "cfg.data.noise_rate" and set(t.data["n_runs"]) == {2}  # 2 seeds each, not 4
+    assert any("grouped by data.noise_rate" in n for n in t.notes)
+    # hypergradient accuracy: runs of a different warm-up are kept apart
+    _hg_run(tmp_path / "hg2", "x", 0, warm_steps=5)
+    _hg_run(tmp_path / "hg2", "y", 1, warm_steps=9)
+    t = build_table("hypergrad_accuracy", [tmp_path / "hg2"])
+    assert t.keys[0] == "cfg.warm_steps" and set(t.data["n_runs"]) == {1}
+    # staged: two studies of a different learning rate, grouped per strategy
+    t = build_table("staged", [_staged_study(tmp_path / "st1", 0.01), _staged_study(tmp_path / "st2", 0.1)])
+    assert t.keys == ["cfg.backbone.lr", "strategy"] and set(t.data["n_runs"]) == {2}
+    # same configs (seeds only differ): one group, no note
+    t = build_table("staged", [every_source["staged"]])
+    assert t.keys == ["strategy"] and not t.notes
+    # the accuracy pivot has no room for config keys: it refuses
+    cfg = yaml.safe_load((every_source["noise_grid"] / "sym40" / "seed1" / "uniform" / "config.yaml").read_text())
+    cfg["run"]["head"]["lam"] = 0.5
+    (every_source["noise_grid"] / "sym40" / "seed1" / "uniform" / "config.yaml").write_text(yaml.safe_dump(cfg))
+    with pytest.raises(ConfigError, match=r"pools the seeds of one \(setting, method\) only.*run.head.lam"):
+        build_table("method_comparison_acc", [every_source["noise_grid"]])
+    t = build_table("method_comparison", [every_source["noise_grid"]])
+    assert "cfg.run.head.lam" in t.keys and any("run.head.lam" in n for n in t.notes)
+
+
+def test_every_skipped_run_is_named_with_its_reason(tmp_path, main_runs):
+    from analysis.build import build_table
+    from analysis.loading import SkippedRunWarning
+
+    s = main_summary(0)
+    s["converged"] = False
+    s["worst_residual"] = 3e8
+    make_run(main_runs / "diverged", main_config(7), s, main_metrics(0))
+    make_run(main_runs / "killed", main_config(8), None, done=False)
+    with pytest.warns(SkippedRunWarning) as rec:
+        t = build_table("main_job", [main_runs])
+    msg = str(rec[0].message)
+    assert f"{main_runs / 'diverged'}: not converged (worst residual 3e+08)" in msg
+    assert f"{main_runs / 'killed'}: incomplete: no DONE marker" in msg
+    assert set(t.data["n_runs"]) == {2}
+    with pytest.warns(SkippedRunWarning, match="killed"):
+        assert len(load_runs(main_runs, allow_unconverged=True)) == 3  # diverged loaded only when asked
+    # a run directory that holds runs (made with name='') is loaded with everything below it, loudly
+    outer = tmp_path / "out"
+    make_run(outer, main_config(0), main_summary(0))
+    for seed in (0, 1):
+        make_main_run(outer, seed)
+    with pytest.warns(UserWarning, match=r"holds 2 other run directories \(was it made with an empty name"):
+        rs = load_runs(outer)
+    assert sorted(r.run for r in rs) == ["out", "out/seed0", "out/seed1"]
+    # a staged results row whose run was skipped is left out by name
+    study = _staged_study(tmp_path / "st")
+    (study / "b_focus_s1" / "DONE").unlink()
+    with pytest.warns(SkippedRunWarning) as rec:
+        t = build_table("staged", [study])
+    text = " ".join(str(r.message) for r in rec)
+    assert "b_focus_s1: incomplete" in text and "b_focus seed 1" in text and "missing or skipped" in text
+    assert _row(t, strategy="b_focus")["n_runs"] == 1
+    with pytest.raises(RunDirError, match=r"b_focus_s1: incomplete"):
+        build_table("staged", [study], strict=True)
+
+
+def test_config_differences_within_groups():
+    from analysis.loading import config_differences
+
+    f = pd.DataFrame({"run": list("abcd"), "method": ["x", "x", "y", "y"], "cfg.seed": [0, 1, 0, 1],
+                      "cfg.opt": [1, 1, 2, 2], "cfg.lr": [0.1, 0.1, 0.1, 0.3]})
+    assert config_differences(f) == ["cfg.opt", "cfg.lr"]
+    assert config_differences(f, ["method"]) == ["cfg.lr"]  # opt is constant within each method
