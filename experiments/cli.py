@@ -1,10 +1,22 @@
-"""The ``carrot`` command line.
+"""The ``carrot`` command line: every study, the run inspector, tables and figures, behind one parser.
+
+Usage::
+
+    carrot <study> [--config F] [--quick] [--overwrite] [--threads N] [-v] [--dry-run] [--quiet] key=value ...
+    carrot runs list [ROOT]                      # status and key numbers of every run below ROOT
+    carrot table NAME RUN_DIR... --out DIR       # one paper table (CSV, Markdown, LaTeX)
+    carrot figure NAME RUN_DIR... --out STEM     # one paper figure (PDF, PNG)
 
 Examples::
 
     carrot demo                                   # the main job with default settings
     carrot run --config experiments/configs/main.yaml head.lam=0.3 seed=1
-    carrot runs list runs/                        # status and key numbers of every run
+    carrot noise_grid --quick --threads 1
+    carrot sanity seeds=[0,1,2] --overwrite       # options may stand anywhere among the overrides
+    carrot run --dry-run head.lam=0.3             # print the resolved config and stop
+
+Studies: see ``carrot --help``; each has ``carrot <study> --help``. Options are validated, and the
+config is resolved completely, before any work starts.
 """
 
 from __future__ import annotations
@@ -15,12 +27,13 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
-from reweight.config import RunConfig, load_config
 from reweight.errors import CarrotError
 
-__all__ = ["main"]
+from .study import STUDIES, Context, legacy_flags_to_overrides, load_study
+
+__all__ = ["build_parser", "main"]
 
 DEFAULT_CONFIG = Path(__file__).parent / "configs" / "main.yaml"
 
@@ -29,78 +42,168 @@ def _quiet() -> bool:
     return bool(os.environ.get("CI")) or not sys.stderr.isatty()
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    from .main_job import format_summary, run_main
+def _positive_int(text: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {v}")
+    return v
 
-    cfg: RunConfig = load_config(args.config, args.overrides)
-    summary = run_main(cfg, overwrite=args.overwrite, progress=not (args.quiet or _quiet()))
-    print(format_summary(summary, str(Path(cfg.out_dir) / cfg.name)))
+
+def build_parser(studies: Optional[Sequence[str]] = None) -> argparse.ArgumentParser:
+    """The one parser: a sub-command per registered study plus ``runs``, ``table`` and ``figure``.
+
+    ``studies`` limits the study sub-commands built (their modules are imported to read their
+    configs and help texts); ``None`` builds all of them (``carrot --help``).
+    """
+    p = argparse.ArgumentParser(prog=os.environ.get("CARROT_PROG", "carrot"), description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    study_parsers: Dict[str, argparse.ArgumentParser] = {}
+    for name in (STUDIES if studies is None else studies):
+        study = load_study(name)
+        sp = sub.add_parser(name, help=study.summary, description=study.description or study.summary,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
+        default = f" (default: {study.default_config})" if study.default_config else " (default: built-in defaults)"
+        sp.add_argument("--config", default=None, help="YAML config" + default)
+        sp.add_argument("--quick", action="store_true",
+                        help="smoke-sized run: " + (" ".join(study.quick) if study.quick else "(same as default)"))
+        sp.add_argument("--overwrite", action="store_true",
+                        help="replace a run directory made by another config (the old one is kept until success)")
+        sp.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (recorded)")
+        sp.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+        sp.add_argument("--quiet", action="store_true", help="no progress bars")
+        sp.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+        sp.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. head.lam=0.3 seeds=[0,1]")
+        study_parsers[name] = sp
+    runs = sub.add_parser("runs", help="inspect run directories")
+    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
+    rl = runs_sub.add_parser("list", help="list runs (recursively) with status and key numbers",
+                             description="Example: carrot runs list runs/")
+    rl.add_argument("root", nargs="?", default="runs")
+    tb = sub.add_parser("table", help="build one paper table from run directories",
+                        description="Example: carrot table main_job runs/readme --out tables/")
+    tb.add_argument("name")
+    tb.add_argument("runs", nargs="+")
+    tb.add_argument("--out", default=".", help="output folder")
+    tb.add_argument("--strict", action="store_true", help="fail on an incomplete or outdated run instead of skipping it")
+    fg = sub.add_parser("figure", help="draw one paper figure from run directories",
+                        description="Example: carrot figure weight_hist runs/readme --out figures/weight_hist")
+    fg.add_argument("name")
+    fg.add_argument("runs", nargs="+")
+    fg.add_argument("--out", required=True, help="output stem (writes STEM.pdf and STEM.png)")
+    p.set_defaults(study_parsers=study_parsers)
+    return p
+
+
+def _run_study(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) -> int:
+    import torch
+    import yaml
+
+    from reweight.config import load_config, to_dict
+
+    study = load_study(name)
+    sp = parser.get_default("study_parsers")[name]
+    args = sp.parse_intermixed_args(legacy_flags_to_overrides(argv, study.legacy_flags))
+    _logging(args.verbose)
+    overrides = list(study.quick if args.quick else []) + list(args.overrides)
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+        if study.threads_key:
+            overrides.append(f"{study.threads_key}={args.threads}")
+    cfg = load_config(args.config or study.default_config, overrides, cls=study.config)
+    if args.dry_run:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return 0
+    ctx = Context(overwrite=args.overwrite, progress=not (args.quiet or _quiet()), verbose=args.verbose)
+    result = study.run(cfg, ctx)
+    text = study.report(result)
+    if text:
+        print(text)
     return 0
 
 
-def _cmd_runs_list(args: argparse.Namespace) -> int:
+def _runs_list(root: Path) -> int:
     from reweight.runs import run_status
 
-    root = Path(args.root)
     if not root.is_dir():
-        print(f"No run directory at {root}.", file=sys.stderr)
+        print(f"error: no run directory at {root}.", file=sys.stderr)
         return 2
     rows = []
-    for d in sorted(p for p in root.iterdir() if p.is_dir()):
+    for d in sorted(p for p in [root, *root.rglob("*")] if p.is_dir() and (p / "config.yaml").is_file()):
         status = run_status(d)
-        if status == "empty":
-            continue
         info = ""
         if (d / "summary.json").is_file():
             s = json.loads((d / "summary.json").read_text())
-            if "learned" in s:
+            if "learned" in s and "uniform" in s:
                 info = (f"test uniform {s['uniform']['test_acc']:.4f} learned {s['learned']['test_acc']:.4f} "
-                        f"auroc {s['auroc']:.3f}")
+                        f"auroc {s.get('auroc', float('nan')):.3f}")
+            elif "test_acc" in s:
+                info = f"test {s['test_acc']:.4f}"
+            if s.get("converged") is False:
+                info += "  NOT CONVERGED"
         elif (d / "metrics.jsonl").is_file():
             n = sum(1 for _ in (d / "metrics.jsonl").open())
-            info = f"{n} outer steps logged"
-        rows.append(f"{d.name:30s} {status:10s} {info}")
+            info = f"{n} steps logged"
+        rel = d.relative_to(root) if d != root else Path(".")
+        rows.append(f"{str(rel):40s} {status:10s} {info}")
     print("\n".join(rows) if rows else f"No runs under {root}.")
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="carrot", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
-    sub = p.add_subparsers(dest="command", required=True)
+def _table(args: argparse.Namespace) -> int:
+    from analysis.build import build_table
+    from analysis.export import export_table, to_markdown
 
-    def add_run_args(sp: argparse.ArgumentParser, default_config: Optional[Path]) -> None:
-        sp.add_argument("--config", default=default_config, help="YAML config (default: %(default)s)")
-        sp.add_argument("--overwrite", action="store_true", help="reuse a run directory made by another config")
-        sp.add_argument("--quiet", action="store_true", help="no progress bars")
-        sp.add_argument("overrides", nargs="*", help="dotted overrides, e.g. head.lam=0.3 outer.steps=20")
+    t = build_table(args.name, args.runs, args.strict)
+    paths = export_table(t, args.out)
+    print(to_markdown(t))
+    print("\n".join(str(x) for x in paths))
+    return 0
 
-    demo = sub.add_parser("demo", help="run the main job (MNIST-5k, 40%% symmetric noise)",
-                          description="Run the main job with the default config. Example: carrot demo seed=1")
-    add_run_args(demo, DEFAULT_CONFIG)
-    demo.set_defaults(func=_cmd_run)
-    run = sub.add_parser("run", help="run a config (resumes a killed run of the same config)",
-                         description="Example: carrot run --config experiments/configs/main.yaml head.lam=0.3")
-    add_run_args(run, DEFAULT_CONFIG)
-    run.set_defaults(func=_cmd_run)
-    runs = sub.add_parser("runs", help="inspect run directories")
-    runs_sub = runs.add_subparsers(dest="runs_command", required=True)
-    rl = runs_sub.add_parser("list", help="list runs with status (finished, incomplete, failed) and key numbers",
-                             description="Example: carrot runs list runs/")
-    rl.add_argument("root", nargs="?", default="runs")
-    rl.set_defaults(func=_cmd_runs_list)
-    return p
+
+def _figure(args: argparse.Namespace) -> int:
+    from paper_figs import draw_figure
+
+    for path in draw_figure(args.name, args.runs, args.out):
+        print(path)
+    return 0
+
+
+def _logging(verbose: int) -> None:
+    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
+                        format="%(levelname)s %(name)s: %(message)s", force=True)
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
+    """Entry point of ``carrot`` (and of the ``python -m experiments.<study>`` shims); returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
     try:
-        return args.func(args)
+        first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
+        if first is not None and argv[first] in STUDIES:
+            _logging(argv[:first].count("-v") + argv[:first].count("--verbose"))
+            return _run_study(build_parser([argv[first]]), argv[first], argv[:first] + argv[first + 1:])
+        known = first is not None and argv[first] in ("runs", "table", "figure")
+        parser = build_parser([] if known else None)
+        args = parser.parse_args(argv)
+        _logging(args.verbose)
+        if args.command == "runs":
+            return _runs_list(Path(args.root))
+        if args.command == "table":
+            return _table(args)
+        if args.command == "figure":
+            return _figure(args)
+        parser.error(f"unknown command {args.command!r}")
     except CarrotError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted: finished steps are kept and a rerun resumes from them.", file=sys.stderr)
+        return 130
+    return 0
 
 
 if __name__ == "__main__":

@@ -2,8 +2,8 @@
 
 One command::
 
-    .venv/bin/python -m experiments.noise_grid            # full grid: 6 settings x 3 seeds
-    .venv/bin/python -m experiments.noise_grid --quick    # smoke run: 1 seed, 2 settings, short budgets
+    carrot noise_grid            # full grid: 6 settings x 3 seeds
+    carrot noise_grid --quick    # smoke run: 1 seed, 2 settings, short budgets
 
 On MNIST-5k features of the frozen, warmed-up timm backbone (``reweight.features.build_features``,
 cached per (setting, seed)), every method of ``methods`` is run on the same features, splits,
@@ -29,13 +29,11 @@ byte by a fresh rerun on the same machine.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
 import math
 import os
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +41,11 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from reweight.config import RunConfig, _f, load_config
-from reweight.errors import CarrotError, ConfigError, NonFiniteError
+from reweight.config import RunConfig, help_field as _f
+from reweight.errors import ConfigError, NonFiniteError
+from reweight.pipeline import head_problem
+
+from .study import Context, Study, shim
 
 __all__ = ["SETTINGS", "GridRunConfig", "NoiseGridConfig", "aggregate", "main", "markdown", "paired", "run_grid"]
 
@@ -131,7 +132,6 @@ def _ess_ratio_min(alpha: torch.Tensor, labels: torch.Tensor, K: int) -> float:
 
 def _run_one(grid: NoiseGridConfig, cfg: RunConfig, method: str, setting: str, fs, root: Path,
              overwrite: bool) -> Dict[str, Any]:
-    from experiments.main_job import build_problem
     from reweight.baselines import make_baseline
     from reweight.bilevel import run_bilevel, weight_auroc
     from reweight.head import HeadObjective, accuracy, solve_head
@@ -155,7 +155,8 @@ def _run_one(grid: NoiseGridConfig, cfg: RunConfig, method: str, setting: str, f
         return json.loads(run.file("summary.json").read_text())
     run.write_env(cfg.seed, cfg.device)
     try:
-        problem, evals = build_problem(run_cfg, fs)
+        setup = head_problem(run_cfg, fs)
+        problem, evals = setup.problem, setup.evals
         t0 = time.perf_counter()
         alpha: Optional[torch.Tensor] = None
         extra: Dict[str, Any] = {}
@@ -347,28 +348,19 @@ def run_grid(grid: NoiseGridConfig, overwrite: bool = False, progress: bool = Tr
     return rows
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.noise_grid", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML of NoiseGridConfig (default: %(default)s)")
-    p.add_argument("--quick", action="store_true", help="smoke run: " + " ".join(QUICK))
-    p.add_argument("--overwrite", action="store_true", help="replace run directories made by another config")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; keeps timings comparable)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. seeds=[0,1] base.head.lam=0.05")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, args.threads))
-    try:
-        grid = load_config(args.config, (QUICK if args.quick else []) + list(args.overrides), cls=NoiseGridConfig)
-        run_grid(grid, overwrite=args.overwrite)
-    except CarrotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    root = Path(grid.out_dir) / grid.name
-    print((root / "table.md").read_text())
-    print(f"tables: {root / 'table.csv'}, {root / 'table.md'}, {root / 'runs.csv'}")
-    return 0
+def _run(grid: NoiseGridConfig, ctx: Context) -> Dict[str, Any]:
+    run_grid(grid, overwrite=ctx.overwrite, progress=ctx.progress)
+    return {"root": Path(grid.out_dir) / grid.name}
 
+
+def _report(res: Dict[str, Any]) -> str:
+    root = res["root"]
+    return (root / "table.md").read_text() + f"tables: {root / 'table.csv'}, {root / 'table.md'}, {root / 'runs.csv'}"
+
+
+STUDY = Study(name="noise_grid", summary="bilevel reweighting vs baselines under label noise and long-tail imbalance",
+              config=NoiseGridConfig, run=_run, report=_report, quick=QUICK, default_config=DEFAULT_CONFIG,
+              threads_key="base.threads", description=__doc__ or "")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    shim("noise_grid")
