@@ -69,12 +69,11 @@ SETTING_ORDER = ["sym20", "sym40", "sym60", "asym40", "lt10", "lt50"]
 def registration_order(registry: Any) -> List[str]:
     """Names of a :class:`reweight.registry.Registry` in registration order.
 
-    ``Registry.names()`` sorts alphabetically; the registration order (the order the methods are
-    introduced in their module, cheapest/reference first) is the display order of the tables and
-    legends. Registry keeps it in its private dict; it should expose it (``Registry.ordered()``).
+    ``Registry.names()`` sorts alphabetically; the registration order (:meth:`Registry.ordered`: the
+    order the methods are introduced in their module, cheapest/reference first) is the display order
+    of the tables and legends.
     """
-    items = getattr(registry, "_items", None)
-    return list(items) if isinstance(items, dict) else list(registry.names())
+    return list(registry.ordered())
 
 
 def hypergrad_order() -> List[str]:

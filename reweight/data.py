@@ -17,7 +17,6 @@ from dataclasses import dataclass
 from typing import Dict, Optional, Sequence
 
 import numpy as np
-import torch
 
 from .errors import DataError
 from .seeding import numpy_rng

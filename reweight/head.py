@@ -176,6 +176,8 @@ class InnerObjective(Protocol):
 
     K: int
     lam: float
+    rows: RowSource
+    y: torch.Tensor
 
     @property
     def n(self) -> int: ...
@@ -190,6 +192,12 @@ class InnerObjective(Protocol):
     def grad(self, W: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor: ...
 
     def hessian(self, W: torch.Tensor, alpha: torch.Tensor) -> "HeadHessian": ...
+
+    def probs(self, W: torch.Tensor) -> torch.Tensor: ...
+
+    def residuals(self, W: torch.Tensor) -> torch.Tensor: ...
+
+    def sample_losses(self, W: torch.Tensor) -> torch.Tensor: ...
 
     def alpha_grad_from_v(self, W: torch.Tensor, V: torch.Tensor, P: Optional[torch.Tensor] = None) -> torch.Tensor: ...
 
@@ -362,7 +370,9 @@ class HeadHessian:
     """
 
     def __init__(self, obj: HeadObjective, W: torch.Tensor, alpha: torch.Tensor, cache_probs: bool = True):
-        self.obj, self.rows, self.W = obj, obj.rows, W
+        self.obj: Optional[HeadObjective] = obj
+        self.rows: RowSource = obj.rows
+        self.W: Optional[torch.Tensor] = W
         self.lam, self.n, self.K, self.D = obj.lam, obj.n, obj.K, obj.rows.dim
         self.alpha = obj.local_alpha(alpha)
         self.cache_probs = bool(cache_probs)
@@ -552,7 +562,7 @@ class HeadSolution:
     seconds: float
 
 
-def solve_head(obj: HeadObjective, alpha: torch.Tensor, W0: Optional[torch.Tensor] = None, grad_tol: float = 1e-6,
+def solve_head(obj: InnerObjective, alpha: torch.Tensor, W0: Optional[torch.Tensor] = None, grad_tol: float = 1e-6,
                max_iter: int = 100, newton_system: Literal["auto", "dense", "cg"] = "auto",
                tol: Optional[float] = None) -> HeadSolution:
     r"""Minimise :math:`F(\cdot,\alpha)` by damped Newton until :math:`\|\nabla_W F\| \le \mathrm{grad\_tol}`.

@@ -57,6 +57,7 @@ import torch
 from .errors import ConfigError, NonFiniteError
 from .head import InnerObjective, mean_ce, mean_ce_grad
 from .registry import Registry
+from .rows import TensorRows
 from .validate import check_bool, check_features, check_int, check_labels, check_number, renamed_field
 from .weights import WeightModel
 
@@ -335,6 +336,14 @@ class Neumann:
                             converged=rel <= self.rtol, extra={"eta": eta, "terms": terms})
 
 
+def _in_memory_rows(inner: InnerObjective, method: str) -> torch.Tensor:
+    """The training rows as one tensor (methods that differentiate through them with autograd need it)."""
+    if not isinstance(inner.rows, TensorRows):
+        raise ConfigError(f"The '{method}' hypergradient needs in-memory training features; got a "
+                          f"{type(inner.rows).__name__} source. Use 'cg' or 'exact' for streamed or sharded rows.")
+    return inner.rows.X
+
+
 def _gd_steps_no_graph(inner: InnerObjective, W: torch.Tensor, alpha: torch.Tensor, lr: float,
                        steps: int) -> torch.Tensor:
     """``steps`` plain gradient-descent steps on ``F(., alpha)`` without a graph (closed-form gradient)."""
@@ -405,6 +414,7 @@ class Unrolled:
         import higher
 
         inner = problem.inner
+        X = _in_memory_rows(inner, "unrolled")
         hvps = 0
         if self.lr is None:
             H = inner.hessian(W, alpha)
@@ -426,7 +436,7 @@ class Unrolled:
             with higher.innerloop_ctx(head, opt, copy_initial_weights=True, track_higher_grads=True) as (fhead, diffopt):
                 for _ in range(trunc):
                     Wt = fhead.weight
-                    losses = torch.nn.functional.cross_entropy(fhead(inner.X), inner.y, reduction="none")
+                    losses = torch.nn.functional.cross_entropy(fhead(X), inner.y, reduction="none")
                     F = (a * losses).sum() / inner.n + 0.5 * inner.lam * (Wt * Wt).sum()
                     diffopt.step(F)
                 WT = fhead.weight

@@ -18,8 +18,8 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 import warnings
+from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch

@@ -140,11 +140,11 @@ def _faiss_knn(queries, base, k, metric, index_type, nlist, nprobe, chunk_rows, 
         index.nprobe = int(nprobe)
     for _, _, x in _chunks(base, chunk_rows):
         index.add(arr(x))
-    D, I = index.search(arr(queries), k)
-    scores = torch.from_numpy(D)
+    dist, idx = index.search(arr(queries), k)
+    scores = torch.from_numpy(dist)
     if metric == "l2":
         scores = -scores  # FAISS returns squared distances; similarities are their negatives
-    return NeighborResult(scores, torch.from_numpy(I).to(torch.int64), f"faiss-{index_type}")
+    return NeighborResult(scores, torch.from_numpy(idx).to(torch.int64), f"faiss-{index_type}")
 
 
 def knn(queries: torch.Tensor, base: torch.Tensor | FeatureStore, k: int, metric: Metric = "ip",

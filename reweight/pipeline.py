@@ -41,6 +41,7 @@ __all__ = [
     "Evals",
     "HeadSetup",
     "attribution_problem",
+    "bilevel_problem",
     "evaluate_head",
     "features",
     "head_problem",
@@ -81,17 +82,25 @@ def weight_model(cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> Weig
                        ess_floor=w.ess_floor, ess_penalty=w.ess_penalty)
 
 
+def bilevel_problem(cfg: RunConfig, X_train: torch.Tensor, y_train: torch.Tensor, X_val: torch.Tensor,
+                    y_val: torch.Tensor, num_classes: int) -> BilevelProblem:
+    r"""The bilevel problem of ``cfg`` on raw features: the L2 head of ``cfg.head`` (bias column, dtype, device)
+    on the training rows, the weight model of ``cfg.weights``, the clean validation rows that drive the
+    hypergradients."""
+    dev = torch.device(cfg.device)
+    inner = HeadObjective(_prep(cfg, X_train), y_train.to(dev), num_classes, cfg.head.lam)
+    return BilevelProblem(inner, _prep(cfg, X_val), y_val.to(dev), weight_model(cfg, y_train.to(dev), num_classes))
+
+
 def head_problem(cfg: RunConfig, fs: FeatureSet) -> HeadSetup:
     """The bilevel problem of ``cfg`` on features ``fs`` (bias column, dtype, device) and its evaluation sets.
 
     Evaluation sets: ``val`` (the clean validation split that drives the hypergradients) and ``test``.
     """
     dev = torch.device(cfg.device)
-    Xtr, Xva, Xte = _prep(cfg, fs.X_train), _prep(cfg, fs.X_val), _prep(cfg, fs.X_test)
-    inner = HeadObjective(Xtr, fs.y_train.to(dev), fs.num_classes, cfg.head.lam)
-    problem = BilevelProblem(inner, Xva, fs.y_val.to(dev), weight_model(cfg, fs.y_train.to(dev), fs.num_classes))
-    return HeadSetup(problem=problem, evals={"val": (Xva, fs.y_val.to(dev)), "test": (Xte, fs.y_test.to(dev))},
-                     features=fs)
+    problem = bilevel_problem(cfg, fs.X_train, fs.y_train, fs.X_val, fs.y_val, fs.num_classes)
+    evals = {"val": (problem.X_val, problem.y_val), "test": (_prep(cfg, fs.X_test), fs.y_test.to(dev))}
+    return HeadSetup(problem=problem, evals=evals, features=fs)
 
 
 def attribution_problem(cfg: RunConfig, fs: FeatureSet, lam: Optional[float] = None, grad_tol: float = 1e-10,
@@ -119,14 +128,19 @@ def evaluate_head(W: torch.Tensor, evals: Evals) -> Dict[str, float]:
     return out
 
 
-def learn_weights(cfg: RunConfig, setup: HeadSetup, *, run: Optional[RunDir] = None, progress: bool = False,
+def learn_weights(cfg: RunConfig, problem: BilevelProblem, *, evals: Optional[Evals] = None,
+                  corrupted: Optional[torch.Tensor] = None, run: Optional[RunDir] = None, progress: bool = False,
                   method: Optional[HypergradMethod] = None,
                   on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]] = None) -> BilevelOutcome:
-    """The outer loop of ``cfg`` (its hypergradient method, steps, lr, inner solver) on ``setup``."""
+    """The outer loop of ``cfg`` (its hypergradient method, steps, lr, inner solver) on ``problem``.
+
+    ``evals`` are logged each step, ``corrupted`` (ground truth, when known) gives the AUROC of the
+    weights, ``run`` checkpoints and resumes.
+    """
     method = method if method is not None else make_method(cfg.hypergrad.method, cfg.hypergrad.options)
-    return run_bilevel(setup.problem, method, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.grad_tol,
+    return run_bilevel(problem, method, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.grad_tol,
                        max_iter=cfg.head.max_iter, checkpoint_every=cfg.outer.checkpoint_every, run=run,
-                       evals=setup.evals, corrupted=setup.features.corrupted, method_name=cfg.hypergrad.method,
+                       evals=evals, corrupted=corrupted, method_name=cfg.hypergrad.method,
                        progress=progress, on_step=on_step)
 
 
@@ -182,8 +196,8 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> 
         uni = solve_head(problem.inner, ones, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter)
         t_uniform = time.perf_counter() - t0
         t0 = time.perf_counter()
-        out = learn_weights(cfg, setup, run=run, progress=progress, method=method,
-                            on_step=_tb_logger(writer) if writer else None)
+        out = learn_weights(cfg, problem, evals=setup.evals, corrupted=fs.corrupted, run=run, progress=progress,
+                            method=method, on_step=_tb_logger(writer) if writer else None)
         t_learned = time.perf_counter() - t0
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):

@@ -68,6 +68,11 @@ class Registry(Generic[T]):
         """Sorted list of registered names."""
         return sorted(self._items)
 
+    def ordered(self) -> list[str]:
+        """Registered names in registration order (the display order of tables and legends: the order in
+        which a module introduces its methods, reference/cheapest first)."""
+        return list(self._items)
+
     def __contains__(self, name: object) -> bool:
         return name in self._items
 

@@ -49,18 +49,29 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
-from .backbones import (StageSetup, check_model_name, configure_stage, create_backbone, frozen_bn_names,
-                        model_accuracy, restore_freeze_state, train_stage, trainable_names, weighted_ce)
-from .bilevel import run_bilevel, weight_auroc
+from . import pipeline
+from .backbones import (
+    StageSetup,
+    check_model_name,
+    configure_stage,
+    create_backbone,
+    frozen_bn_names,
+    model_accuracy,
+    restore_freeze_state,
+    train_stage,
+    trainable_names,
+    weighted_ce,
+)
+from .bilevel import weight_auroc
 from .config import DataConfig, RunConfig, StageConfig
 from .data import load_dataset, prepare_data
 from .errors import ConfigError, RunDirError
 from .features import extract_features, standardize
-from .head import HeadObjective, accuracy, add_bias
-from .hypergrad import BilevelProblem, make_method
+from .head import accuracy
+from .hypergrad import make_method
 from .runs import RunDir, load_checked, save_checked
 from .seeding import stream_seed, torch_generator
-from .weights import WeightModel, ess_per_class
+from .weights import ess_per_class
 
 # StageConfig (reweight.config) and StageSetup / configure_stage / weighted_ce (reweight.backbones) are
 # re-exported: they lived here before issue 11.
@@ -164,23 +175,13 @@ def learn_weights(model: torch.nn.Module, data: StagedData, cfg: RunConfig,
     Fva = extract_features(model, data.x_val, cfg.features.batch_size, device=cfg.device)
     model.train(was_training)
     Xtr, Xva = standardize(Ftr, Fva) if cfg.features.standardize else (Ftr, Fva)
-    dtype, dev = getattr(torch, cfg.head.dtype), torch.device(cfg.device)
-    Xtr, Xva = Xtr.to(dev, dtype), Xva.to(dev, dtype)
-    if cfg.head.bias:
-        Xtr, Xva = add_bias(Xtr), add_bias(Xva)
-    y, yv = data.y_train.to(dev), data.y_val.to(dev)
-    inner = HeadObjective(Xtr, y, data.num_classes, cfg.head.lam)
-    wm = WeightModel(y, data.num_classes, class_mass=cfg.weights.class_mass, beta_entropy=cfg.weights.beta_entropy,
-                     beta_ess=cfg.weights.beta_ess, ess_floor=cfg.weights.ess_floor,
-                     ess_penalty=cfg.weights.ess_penalty)
-    problem = BilevelProblem(inner, Xva, yv, wm)
-    method = make_method(cfg.hypergrad.method, cfg.hypergrad.options)
-    out = run_bilevel(problem, method, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter,
-                      corrupted=data.corrupted, method_name=cfg.hypergrad.method, progress=progress)
+    problem = pipeline.bilevel_problem(cfg, Xtr, data.y_train, Xva, data.y_val, data.num_classes)
+    out = pipeline.learn_weights(cfg, problem, corrupted=data.corrupted, progress=progress)
     alpha = out.alpha.detach().float().cpu()
-    ess = ess_per_class(out.alpha.double(), y, data.num_classes) / wm.counts.to(dev).clamp_min(1)
+    y = problem.inner.y
+    ess = ess_per_class(out.alpha.double(), y, data.num_classes) / problem.weights.counts.to(y.device).clamp_min(1)
     info = {"weights_auroc": weight_auroc(alpha, data.corrupted), "ess_ratio_min": float(ess.min()),
-            "bilevel_val_acc": accuracy(out.W, Xva, yv), "bilevel_seconds": time.perf_counter() - t0}
+            "bilevel_val_acc": accuracy(out.W, problem.X_val, problem.y_val), "bilevel_seconds": time.perf_counter() - t0}
     return alpha, info, Ftr
 
 

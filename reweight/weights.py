@@ -172,7 +172,8 @@ class WeightModel:
         return ((c / self.n) * torch.where(present, torch.log(c.clamp_min(1)) - H, torch.zeros_like(H))).sum()
 
     def ess_penalty_value(self, alpha: torch.Tensor) -> torch.Tensor:
-        r""":math:`R_E = \sum_c (n_c/n)\,\max(0,\rho-\mathrm{ESS}_c/n_c)^2` (hinge) or :math:`\sum_c (n_c/n)(-\log \mathrm{ESS}_c/n_c)` (log)."""
+        r""":math:`R_E = \sum_c (n_c/n)\,\max(0,\rho-\mathrm{ESS}_c/n_c)^2` (hinge)
+        or :math:`\sum_c (n_c/n)(-\log \mathrm{ESS}_c/n_c)` (log)."""
         c = self.counts.to(alpha.device, alpha.dtype)
         ratio = ess_per_class(alpha, self.labels.to(alpha.device), self.num_classes) / c.clamp_min(1)
         present = c > 0

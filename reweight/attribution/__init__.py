@@ -25,15 +25,30 @@ Ground truth and benchmarks: :func:`exact_loo` (Newton warm-started at the optim
 from __future__ import annotations
 
 from ..validate import check_indices, check_lam, check_top_k
-from .base import (ATTRIBUTION, AttributionMethod, AttributionProblem, bilinear_scores, check_queries,
-                   loss_change_from_v, make_attribution, query_residuals, target_gradients)
+from .base import (
+                   ATTRIBUTION,
+                   AttributionMethod,
+                   AttributionProblem,
+                   bilinear_scores,
+                   check_queries,
+                   loss_change_from_v,
+                   make_attribution,
+                   query_residuals,
+                   target_gradients,
+)
 from .faithfulness import faithfulness
 from .hypergrad_fo import HypergradCG, HypergradExact, HypergradFirstOrder
 from .influence import InfluenceCG, InfluenceDiagGGN, InfluenceExact, InfluenceKFAC
 from .lds import SubsetOutputs, lds, random_subsets, subset_outputs
 from .loo import LOOResult, exact_loo, retrain
-from .representer import (Representer, RepresenterExplanation, explain, representer_contributions,
-                          representer_logits, representer_values)
+from .representer import (
+                   Representer,
+                   RepresenterExplanation,
+                   explain,
+                   representer_contributions,
+                   representer_logits,
+                   representer_values,
+)
 from .tracin import SGDTrace, TracIn, sgd_head
 from .trak import TRAK, margin_gradient_factors, project_gradients
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+
 import torch
 
 from ..errors import ConfigError

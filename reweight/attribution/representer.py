@@ -28,7 +28,14 @@ import torch
 from ..errors import DataError
 from ..head import representer_values
 from ..validate import check_top_k
-from .base import ATTRIBUTION, AttributionMethod, AttributionProblem, check_queries, loss_change_from_v, target_gradients
+from .base import (
+    ATTRIBUTION,
+    AttributionMethod,
+    AttributionProblem,
+    check_queries,
+    loss_change_from_v,
+    target_gradients,
+)
 
 __all__ = [
     "Representer",

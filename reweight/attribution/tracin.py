@@ -25,8 +25,8 @@ from typing import ClassVar, List, Literal, Optional
 import torch
 
 from ..head import HeadObjective, batch_grad
-from ..validate import check_choice, check_int, check_number
 from ..seeding import torch_generator
+from ..validate import check_choice, check_int, check_number
 from .base import ATTRIBUTION, AttributionMethod, AttributionProblem, bilinear_scores, target_gradients
 
 __all__ = ["SGDTrace", "TracIn", "sgd_head"]

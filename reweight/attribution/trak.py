@@ -31,8 +31,8 @@ from typing import ClassVar, List, Optional
 import torch
 
 from ..head import solve_head
-from ..validate import check_int, check_number, renamed_field
 from ..seeding import numpy_rng, torch_generator
+from ..validate import check_int, check_number, renamed_field
 from .base import ATTRIBUTION, AttributionMethod, AttributionProblem
 
 __all__ = ["TRAK", "margin_gradient_factors", "project_gradients"]

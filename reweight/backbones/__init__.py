@@ -21,11 +21,32 @@ References:
 
 from __future__ import annotations
 
-from .create import (backbone_data_config, backbone_transform, check_checkpoint, check_model_name, create_backbone,
-                     model_in_chans)
-from .freeze import (FreezeError, FreezeReport, block_groups, canonicalize_bn, check_no_frozen_grads, freeze,
-                     freeze_all, freeze_all_but_last, freeze_report, frozen_bn_names, head_parameter_names,
-                     resolve_selectors, restore_freeze_state, set_trainable, trainable_names, unfreeze)
+from .create import (
+                     backbone_data_config,
+                     backbone_transform,
+                     check_checkpoint,
+                     check_model_name,
+                     create_backbone,
+                     model_in_chans,
+)
+from .freeze import (
+                     FreezeError,
+                     FreezeReport,
+                     block_groups,
+                     canonicalize_bn,
+                     check_no_frozen_grads,
+                     freeze,
+                     freeze_all,
+                     freeze_all_but_last,
+                     freeze_report,
+                     frozen_bn_names,
+                     head_parameter_names,
+                     resolve_selectors,
+                     restore_freeze_state,
+                     set_trainable,
+                     trainable_names,
+                     unfreeze,
+)
 from .optim import build_optimizer, build_scheduler, param_groups, zero_mult_names
 from .train import StageResult, StageSetup, configure_stage, model_accuracy, train_stage, warmup, weighted_ce
 
