@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import json
 import logging
+import math
 import re
 import typing
 import warnings
@@ -45,6 +46,7 @@ __all__ = [
     "StageConfig",
     "WeightsConfig",
     "apply_overrides",
+    "check_run_name",
     "config_hash",
     "from_dict",
     "help_field",
@@ -92,7 +94,26 @@ _f = help_field  # short alias used by the config dataclasses below
 
 def _check(cond: bool, section: str, name: str, value: Any, expected: str) -> None:
     if not cond:
-        raise ConfigError(f"The '{section}.{name}' parameter must be {expected}. Got {value!r} instead.")
+        key = f"{section}.{name}" if section else name
+        raise ConfigError(f"The '{key}' parameter must be {expected}. Got {value!r} instead.")
+
+
+#: devices a config may name; availability is checked before a run starts (reweight.pipeline.preflight)
+DEVICE_RE = re.compile(r"cpu|cuda(:\d+)?|mps|auto")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+=@,-]*(/[A-Za-z0-9][A-Za-z0-9._+=@,-]*)*")
+
+
+def check_run_name(name: Any, key: str = "name") -> str:
+    """Return ``name`` if it is a usable run name, else raise :class:`ConfigError`.
+
+    A run directory is ``<out_dir>/<name>``: the name must be non-empty, relative, without ``..``, and
+    made of letters, digits and ``._+=@,-`` (``/`` separates sub-folders). An empty name would make
+    ``out_dir`` itself the run and hide every run below it.
+    """
+    if not isinstance(name, str) or not _NAME_RE.fullmatch(name) or ".." in name.split("/"):
+        raise ConfigError(f"The '{key}' parameter must be a non-empty run name of letters, digits and ._+=@,- "
+                          f"('/' between sub-folders, no '..'). Got {name!r} instead.")
+    return name
 
 
 @dataclass(frozen=True)
@@ -297,6 +318,12 @@ class RunConfig:
     }
 
     def __post_init__(self) -> None:
+        check_run_name(self.name, "name")
+        _check(bool(self.out_dir), "", "out_dir", self.out_dir, "a non-empty path")
+        _check(0 <= self.seed < 2**32, "", "seed", self.seed, "an int in [0, 2**32)")
+        _check(self.threads is None or 1 <= self.threads <= 4096, "", "threads", self.threads, "null or an int in [1, 4096]")
+        _check(bool(DEVICE_RE.fullmatch(self.device)), "", "device", self.device,
+               "one of 'cpu', 'cuda', 'cuda:N', 'mps', 'auto'")
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ConfigError(f"The 'stages' parameter must be a list of stages with unique names. "
@@ -368,6 +395,8 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"The '{where}' parameter must be float. Got {value!r} instead.")
+        if not math.isfinite(value):  # no config value is meant to be NaN or infinite (lam=.inf pins W at 0)
+            raise ConfigError(f"The '{where}' parameter must be a finite number. Got {value!r} instead.")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -511,7 +540,10 @@ def apply_overrides(data: Dict[str, Any], overrides: Sequence[str]) -> Dict[str,
         if "=" not in item:
             raise ConfigError(f"Expected an override of the form section.key=value, but got {item!r}.")
         key, raw = item.split("=", 1)
-        value = _yaml_load(raw) if raw != "" else ""
+        try:
+            value = _yaml_load(raw) if raw != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"Override {item!r}: the value is not valid YAML ({getattr(e, 'problem', None) or e}).") from None
         node = out
         parts = key.strip().split(".")
         for p in parts[:-1]:
@@ -533,7 +565,13 @@ def load_config(path: str | Path | None, overrides: Sequence[str] = (), cls: Typ
         p = Path(path)
         if not p.is_file():
             raise ConfigError(f"Config file {str(p)!r} does not exist.")
-        loaded = _yaml_load(p.read_text()) or {}
+        try:
+            loaded = _yaml_load(p.read_text()) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f", line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+            raise ConfigError(f"Config file {str(p)!r} is not valid YAML{where}: {problem}.") from None
         if not isinstance(loaded, dict):
             raise ConfigError(f"Config file {str(p)!r} must hold a mapping at top level.")
         data = migrate_legacy_keys(cls, loaded)

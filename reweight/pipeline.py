@@ -20,6 +20,7 @@ Nothing here parses arguments, prints or plots (STYLE: computing, orchestrating 
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -46,6 +47,8 @@ __all__ = [
     "features",
     "head_problem",
     "learn_weights",
+    "preflight",
+    "resolve_device",
     "run_main",
     "weight_model",
 ]
@@ -63,6 +66,75 @@ class HeadSetup:
     problem: BilevelProblem
     evals: Evals
     features: FeatureSet
+
+
+def resolve_device(device: str) -> torch.device:
+    """The torch device a config names (``auto``: CUDA if available, else MPS, else CPU).
+
+    Raises:
+        ConfigError: for a device this machine does not have (naming what it has).
+    """
+    if device == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        mps = getattr(torch.backends, "mps", None)
+        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ConfigError(f"The 'device' parameter is {device!r} but CUDA is not available on this machine. "
+                              f"Use device=cpu (or device=auto).")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ConfigError(f"The 'device' parameter is {device!r} but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s).")
+    if dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise ConfigError(f"The 'device' parameter is {device!r} but MPS is not available on this machine. "
+                              f"Use device=cpu (or device=auto).")
+    return dev
+
+
+def _writable_dir(path: str | Path, key: str) -> None:
+    """Raise :class:`ConfigError` unless ``path`` is (or can be created as) a writable directory."""
+    p = Path(path)
+    if p.exists() and not p.is_dir():
+        raise ConfigError(f"The '{key}' parameter must be a directory. Got {str(p)!r}, which is a file.")
+    probe = p
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        why = "is a file" if not probe.is_dir() else "is not writable"
+        raise ConfigError(f"The '{key}' parameter must be a writable directory. Got {str(p)!r} ({str(probe)!r} {why}).")
+
+
+def preflight(cfg: RunConfig, *, run_dir: bool = True) -> None:
+    """Check everything a run of ``cfg`` needs from this machine BEFORE any work and before a run directory exists.
+
+    The hypergradient method and its options, the device, the output and cache directories (writable
+    directories, not files), the run directory (not a file), the backbone (a timm model name, with close
+    matches on a typo; the weights file exists), TensorBoard when asked. Config values themselves are
+    validated when the config is built (:mod:`reweight.config`).
+
+    Raises:
+        ConfigError: naming the key, the value and what is allowed.
+    """
+    make_method(cfg.hypergrad.method, cfg.hypergrad.options)
+    resolve_device(cfg.device)
+    _writable_dir(cfg.features.cache_dir, "features.cache_dir")
+    if run_dir:
+        _writable_dir(cfg.out_dir, "out_dir")
+        target = Path(cfg.out_dir) / cfg.name
+        if target.exists() and not target.is_dir():
+            raise ConfigError(f"The 'name' parameter names a file: {str(target)!r} exists and is not a run directory.")
+    from .backbones import check_model_name
+
+    check_model_name(cfg.backbone.model, "'backbone.model' parameter")
+    if cfg.backbone.pretrained_file is not None and not Path(cfg.backbone.pretrained_file).is_file():
+        raise ConfigError(f"The 'backbone.pretrained_file' parameter must be an existing file. "
+                          f"Got {cfg.backbone.pretrained_file!r} instead.")
+    if cfg.tensorboard:
+        _tensorboard_writer_cls()
 
 
 def features(cfg: RunConfig, progress: bool = False) -> FeatureSet:
@@ -177,9 +249,10 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> 
     import pandas as pd
 
     t_start = time.perf_counter()
+    preflight(cfg)  # everything checkable is checked before any work and before the run directory exists
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    method = make_method(cfg.hypergrad.method, cfg.hypergrad.options)  # bad method/options fail before any write
+    method = make_method(cfg.hypergrad.method, cfg.hypergrad.options)
     tb_writer_cls = _tensorboard_writer_cls() if cfg.tensorboard else None
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=overwrite)
     run.write_env(cfg.seed, cfg.device)

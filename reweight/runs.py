@@ -23,9 +23,11 @@ import json
 import logging
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional
 
@@ -40,6 +42,7 @@ __all__ = [
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "config_diff",
     "environment_info",
     "load_checked",
     "run_status",
@@ -157,6 +160,27 @@ def environment_info(seed: Optional[int] = None, device: Optional[str] = None) -
     }
 
 
+def config_diff(old_yaml: Path, cfg: Any, limit: int = 8) -> str:
+    """``key: old -> new`` for the (dotted) config keys where the run at ``old_yaml`` differs from ``cfg``."""
+
+    def flat(d: Any, prefix: str = "") -> Dict[str, Any]:
+        if isinstance(d, dict):
+            out: Dict[str, Any] = {}
+            for k, v in d.items():
+                out.update(flat(v, f"{prefix}{k}."))
+            return out
+        return {prefix[:-1]: d}
+
+    try:
+        old = flat(yaml.safe_load(old_yaml.read_text()) or {})
+    except (OSError, yaml.YAMLError):
+        return "(the old config.yaml is unreadable)"
+    new = flat(json.loads(json.dumps(to_dict(cfg), default=str)))
+    keys = sorted(k for k in set(old) | set(new) if k not in ("name", "out_dir") and old.get(k) != new.get(k))
+    parts = [f"{k}: {old.get(k, '(absent)')!r} -> {new.get(k, '(absent)')!r}" for k in keys[:limit]]
+    return "; ".join(parts) + (f"; ... (+{len(keys) - limit} more)" if len(keys) > limit else "") if keys else "none"
+
+
 def run_status(path: str | Path) -> str:
     """``finished`` (DONE), ``failed`` (FAILED), ``incomplete`` (killed or running) or ``empty``."""
     p = Path(path)
@@ -186,17 +210,21 @@ class RunDir:
         self.cfg = cfg
         self.keep = keep
         self.hash = config_hash(cfg)
+        self.aside: Optional[Path] = None
+        if self.path.exists() and not self.path.is_dir():
+            raise RunDirError(f"Run directory {self.path} is a file, not a directory. Choose another name or out_dir.")
         old = self.path / "config_hash"
         if old.is_file() and old.read_text().strip() != self.hash:
+            diff = config_diff(self.path / "config.yaml", cfg)
             if not overwrite:
                 raise RunDirError(
-                    f"Run directory {self.path} holds a run of a different config "
-                    f"(hash {old.read_text().strip()} != {self.hash}). Choose another name or pass overwrite."
+                    f"Run directory {self.path} holds a run of a different config (differing keys: {diff}). "
+                    f"Choose another name, or pass --overwrite (the old run is moved aside until the new one finishes)."
                 )
-            for f in ("DONE", "FAILED", "summary.json", "metrics.jsonl"):
-                (self.path / f).unlink(missing_ok=True)
-            for f in (self.path / "checkpoints").glob("*") if (self.path / "checkpoints").is_dir() else []:
-                f.unlink()
+            self.aside = self.path.with_name(f".{self.path.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(self.path, self.aside)
+            log.warning("Run directory %s held another config (%s); moved to %s until this run finishes.",
+                        self.path, diff, self.aside)
         self.path.mkdir(parents=True, exist_ok=True)
         self.remove_stale_temporaries()
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
@@ -260,11 +288,17 @@ class RunDir:
 
     # ---- end of a run ------------------------------------------------------------------------
     def finish(self, summary: Dict[str, Any]) -> None:
-        """Write ``summary.json`` then the ``DONE`` marker (last)."""
+        """Write ``summary.json`` then the ``DONE`` marker (last); a run replaced by ``overwrite`` is deleted now."""
         self.write_json("summary.json", summary)
         atomic_write_text(self.path / "DONE", self.hash + "\n")
+        if self.aside is not None and self.aside.exists():
+            shutil.rmtree(self.aside, ignore_errors=True)
+            self.aside = None
 
     def fail(self, message: str) -> None:
+        """Write ``FAILED`` with ``message``; a run replaced by ``overwrite`` stays aside (named in the message)."""
+        if self.aside is not None:
+            message += f" (the replaced run is kept at {self.aside})"
         atomic_write_text(self.path / "FAILED", message + "\n")
 
     @property

@@ -35,8 +35,8 @@ __all__ = [
 ]
 
 
-def check_model_name(name: str) -> None:
-    """Check that ``name`` is a timm model name (``timm.is_model``).
+def check_model_name(name: str, key: str = "'name' parameter of create_backbone") -> None:
+    """Check that ``name`` is a timm model name (``timm.is_model``); ``key`` names the setting in the message.
 
     Raises:
         ConfigError: for an unknown name, listing close matches from ``timm.list_models()``.
@@ -45,7 +45,7 @@ def check_model_name(name: str) -> None:
 
     if not isinstance(name, str) or not timm.is_model(name):
         close = difflib.get_close_matches(str(name), timm.list_models(), n=8, cutoff=0.6)
-        raise ConfigError(f"The 'name' parameter of create_backbone must be a timm model name. Got {name!r} instead. "
+        raise ConfigError(f"The {key} must be a timm model name. Got {name!r} instead. "
                           f"Close matches: {', '.join(close) or '(none)'}; see timm.list_models().")
 
 
