@@ -75,8 +75,10 @@ def test_sanity_through_the_command_line(fake_features, tmp_path, capsys):
     assert main(["sanity", "--quiet", *TINY, "seeds=[0]", f"out_dir={tmp_path}", "name=cli"]) == 0
     out = capsys.readouterr().out
     assert "influence_exact" in out and str(tmp_path / "sanity" / "cli") in out
-    with pytest.warns(DeprecationWarning, match=r"feature_seed -> base\.seed"):
+    with pytest.warns(DeprecationWarning) as seen:
         cfg = load_config(None, ["feature_seed=3", "data.dataset=digits", "threads=1"], cls=SanityConfig)
+    text = " ".join(str(w.message) for w in seen)
+    assert "feature_seed -> base.seed" in text and "threads -> base.threads" in text and "data -> base.data" in text
     assert cfg.base.seed == 3 and cfg.base.data.dataset == "digits" and cfg.base.threads == 1
 
 
