@@ -22,10 +22,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 paper: $(STAMP)
-	$(PY) -m experiments.paper --out paper_out
+	$(VENV)/bin/carrot paper out=paper_out
 
 paper-quick: $(STAMP)
-	$(PY) -m experiments.paper --quick --out paper_out_quick
+	$(VENV)/bin/carrot paper --quick out=paper_out_quick
 
 clean:
 	rm -rf $(VENV) .carrot_cache runs paper_out paper_out_quick bench_out

@@ -377,7 +377,7 @@ def main_job_table(runs: RunSet, name: str = "main_job") -> Table:
                  notes=_group_note(keys), span_keys=list(keys))
 
 
-_CORR = ["spearman", "kendall", "pearson", "top10", "lds"]
+_CORR = ["spearman", "kendall", "pearson", "top_overlap", "lds"]
 
 
 def rank_correlation_table(per_seed: Any, name: str = "rank_correlations", sources: Sequence[Dict[str, Any]] = ()
@@ -386,8 +386,10 @@ def rank_correlation_table(per_seed: Any, name: str = "rank_correlations", sourc
 
     Args:
         per_seed: rows of ``experiments.sanity``'s ``per_seed.csv`` (one per target, lambda, seed,
-            method), optionally joined with its ``timings.csv`` (column ``seconds``: fit + score time;
-            the ``exact_loo`` rows carry only their time and are kept as the reference) and with
+            method; the columns of :func:`rank_correlations` plus ``lds``; a ``top10`` column of older
+            runs is read as ``top_overlap``), optionally joined with its ``timings.csv`` (column
+            ``seconds``: fit + score time; the ``exact_loo`` rows carry only their time and are kept
+            as the reference) and with
             the runs' configs (``cfg.*`` columns, :func:`attach_config`): rows of runs whose configs
             differ are kept apart.
         name: file stem.
@@ -396,6 +398,8 @@ def rank_correlation_table(per_seed: Any, name: str = "rank_correlations", sourc
     Raises:
         ConfigError: if a column is missing (``seconds`` is optional: no time column without it).
     """
+    if "top10" in per_seed.columns and "top_overlap" not in per_seed.columns:  # runs made before the rename
+        per_seed = per_seed.rename(columns={"top10": "top_overlap"})
     check_columns(per_seed, ["target", "lam", "seed", "method"] + _CORR, "rank_correlation_table")
     timed = "seconds" in per_seed.columns
     by = ["target", "lam", "method"]
@@ -407,7 +411,7 @@ def rank_correlation_table(per_seed: Any, name: str = "rank_correlations", sourc
     cols = [Column("spearman", "Spearman", "max", latex=r"Spearman\\$\rho$"),
             Column("kendall", "Kendall", "max", latex=r"Kendall\\$\tau$"),
             Column("pearson", "Pearson", "max", latex=r"Pearson\\$r$"),
-            Column("top10", "top-10% overlap", "max", digits=2, latex=r"top-10\%\\overlap"),
+            Column("top_overlap", "top-10% overlap", "max", digits=2, latex=r"top-10\%\\overlap"),
             Column("lds", "LDS", "max")] + \
         ([Column("seconds", "time (s)", digits=2, timing=True, latex=r"time\\(s)")] if timed else [])
     n = int(agg["n_runs"].max())

@@ -2,11 +2,11 @@
 
 ::
 
-    python -m experiments.bench_libraries            # MNIST-5k features of the main job (cached), 300 LOO samples
-    python -m experiments.bench_libraries --quick    # digits features, 60 LOO samples
+    carrot bench_libraries            # MNIST-5k features of the main job (cached), 300 LOO samples
+    carrot bench_libraries --quick    # digits features, 60 LOO samples
 
-The head problem is the main job's (``experiments.main_job.build_problem``: frozen ``test_resnet``
-features with a bias column, L2 softmax head, uniform weights), in float64. Every method scores
+The head problem is the main job's (:func:`reweight.pipeline.head_problem` of ``base``: frozen
+``test_resnet`` features with a bias column, L2 softmax head, uniform weights), in float64. Every method scores
 all ``n`` training samples for their effect on the mean validation loss, on the DESIGN sign
 convention (positive: removing the sample would raise the validation loss):
 
@@ -29,30 +29,43 @@ Writes ``runs/bench_libraries/<name>/results.csv`` and ``summary.json``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, ClassVar, Dict
 
 import numpy as np
 import torch
 
-__all__ = ["BenchLibrariesConfig", "exact_loo_deltas", "main"]
+from reweight.config import HeadConfig, RunConfig
+from reweight.config import help_field as _f
+from reweight.errors import ConfigError
+
+from .study import Study, shim
+
+__all__ = ["BenchLibrariesConfig", "STUDY", "exact_loo_deltas", "run_bench"]
 
 
 @dataclass(frozen=True)
 class BenchLibrariesConfig:
     """What the comparison ran (config.yaml of the run directory)."""
 
-    name: str = field(default="default", metadata={"help": "run name"})
-    out_dir: str = field(default="runs/bench_libraries", metadata={"help": "parent directory"})
-    dataset: str = field(default="mnist5k", metadata={"help": "mnist5k or digits"})
-    loo_samples: int = field(default=300, metadata={"help": "training samples with exact LOO ground truth"})
-    repeats: int = field(default=3, metadata={"help": "timed repeats of CARROT's methods (median); other libraries run once"})
-    seed: int = field(default=0, metadata={"help": "seed (features, LOO subset)"})
+    name: str = _f("default", "run name")
+    out_dir: str = _f("runs/bench_libraries", "parent directory")
+    loo_samples: int = _f(300, "training samples with exact LOO ground truth")
+    repeats: int = _f(3, "timed repeats of CARROT's methods (median); other libraries run once")
+    base: RunConfig = field(default_factory=lambda: RunConfig(head=HeadConfig(dtype="float64")), metadata={
+        "help": "the main job's head problem (base.data.dataset: mnist5k or digits; base.seed: features and the "
+                "LOO subset; base.head.dtype float64)"})
+
+    LEGACY_KEYS: ClassVar[Dict[str, str]] = {"dataset": "base.data.dataset", "seed": "base.seed"}
+
+    def __post_init__(self) -> None:
+        if self.loo_samples < 2 or self.repeats < 1:
+            raise ConfigError(f"The 'loo_samples' (>= 2) and 'repeats' (>= 1) parameters are out of range. "
+                              f"Got {self.loo_samples!r} and {self.repeats!r} instead.")
 
 
 def exact_loo_deltas(inner, W, alpha, Xv, yv, subset: torch.Tensor) -> np.ndarray:
@@ -112,44 +125,27 @@ def _captum_methods(inner, W, Xv, yv, lam: float, tmp: Path) -> Dict[str, Any]:
     return {"captum_naive": naive, "captum_arnoldi": arnoldi}
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_libraries", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="digits features, 60 LOO samples, 1 repeat")
-    ap.add_argument("--name", default=None)
-    ap.add_argument("--out-dir", default="runs/bench_libraries")
-    ap.add_argument("--loo-samples", type=int, default=None)
-    ap.add_argument("--repeats", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
-    args = ap.parse_args(argv)
-    cfg = BenchLibrariesConfig(name=args.name or ("quick" if args.quick else "default"), out_dir=args.out_dir,
-                               dataset="digits" if args.quick else "mnist5k",
-                               loo_samples=args.loo_samples or (60 if args.quick else 300),
-                               repeats=args.repeats or (1 if args.quick else 3), seed=args.seed)
-
+def run_bench(cfg: BenchLibrariesConfig, progress: bool = False) -> Dict[str, Any]:
+    """Run the comparison of ``cfg``; write ``<out_dir>/<name>/results.csv`` and the summary; return both."""
     import pandas as pd
     from scipy.stats import pearsonr, spearmanr
 
-    from experiments.main_job import build_problem
-    from reweight.config import load_config
-    from reweight.features import build_features
     from reweight.head import solve_head
+    from reweight.pipeline import draw_subset, features, head_problem
     from reweight.runs import RunDir
-    from reweight.seeding import numpy_rng
     from reweight.streaming import auto_threads, influence_on_val_loss
 
+    rc = cfg.base
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=True)
-    run.write_env(cfg.seed, "cpu")
-    rc = load_config(None, [f"seed={cfg.seed}", f"data.dataset={cfg.dataset}", "head.dtype=float64"])
-    fs = build_features(rc.data, rc.backbone, rc.features, rc.seed)
-    problem, _ = build_problem(rc, fs)
+    run.write_env(rc.seed, rc.device)
+    problem = head_problem(rc, features(rc, progress=progress)).problem
     inner, Xv, yv, lam = problem.inner, problem.X_val, problem.y_val, rc.head.lam
     n, D = inner.X.shape
     alpha = torch.ones(n, dtype=torch.float64)
     W = solve_head(inner, alpha, grad_tol=1e-11).W
     threads = auto_threads(4.0 * n * D * inner.K)  # one HVP's FLOPs; every method runs with this count
     torch.set_num_threads(threads)
-    subset = torch.as_tensor(np.sort(numpy_rng(cfg.seed, "loo_subset").choice(n, size=min(n, cfg.loo_samples),
-                                                                               replace=False)))
+    subset = draw_subset(n, cfg.loo_samples, rc.seed, "loo_subset")
     t = time.perf_counter()
     truth = exact_loo_deltas(inner, W, alpha, Xv, yv, subset)
     t_loo = time.perf_counter() - t
@@ -190,7 +186,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         df["max_rel_diff_vs_carrot_dense"] = [float((scores[m] - ref).abs().max() / ref.abs().max()) for m in df.method]
     ours = df[df.method.str.startswith("carrot")]
     others = df[~df.method.str.startswith("carrot")]
-    summary: Dict[str, Any] = {"n": n, "D": D, "K": inner.K, "lam": lam, "dataset": cfg.dataset,
+    summary: Dict[str, Any] = {"n": n, "D": D, "K": inner.K, "lam": lam, "dataset": rc.data.dataset,
                                "loo_samples": len(subset), "exact_loo_seconds": t_loo, "skipped": skipped,
                                "threads": torch.get_num_threads()}
     if len(ours) and len(others):
@@ -201,11 +197,25 @@ def main(argv: Optional[List[str]] = None) -> int:
                        carrot_pearson=float(best_ours.pearson_vs_loo), other_pearson=float(fastest.pearson_vs_loo))
     run.write_text("results.csv", df.to_csv(index=False, float_format="%.6g"))
     run.finish(summary)
-    print(df.to_markdown(index=False, floatfmt=".4g") if hasattr(df, "to_markdown") else df.to_string(index=False))
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    print(f"run directory: {run.path}")
-    return 0
+    return {"table": df, "summary": summary, "run_dir": str(run.path)}
 
+
+def _report(res: Dict[str, Any]) -> str:
+    df = res["table"]
+    try:
+        table = df.to_markdown(index=False, floatfmt=".4g")
+    except ImportError:  # tabulate is optional
+        table = df.to_string(index=False)
+    return f"{table}\n{json.dumps(res['summary'], indent=2, sort_keys=True)}\nrun directory: {res['run_dir']}"
+
+
+STUDY = Study(name="bench_libraries", summary="CARROT vs other influence libraries: time and agreement with exact LOO",
+              config=BenchLibrariesConfig, run=lambda cfg, ctx: run_bench(cfg, progress=ctx.progress),
+              report=_report, quick=("base.data.dataset=digits", "loo_samples=60", "repeats=1", "name=quick"),
+              threads_key=None,
+              legacy_flags={"--name": "name", "--out-dir": "out_dir", "--loo-samples": "loo_samples",
+                            "--repeats": "repeats", "--seed": "base.seed"},
+              description=__doc__ or "")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    shim("bench_libraries")

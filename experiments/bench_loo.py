@@ -2,70 +2,95 @@
 
 One command::
 
-    .venv/bin/python -m experiments.bench_loo            # m=100 samples, lam=0.1, 1 thread
-    .venv/bin/python -m experiments.bench_loo --quick    # m=20
-    .venv/bin/python -m experiments.bench_loo --m 200 --lam 0.01 --threads 2
+    carrot bench_loo                          # m=100 samples, lam=0.1, 1 thread
+    carrot bench_loo --quick                  # m=20
+    carrot bench_loo m=200 lam=0.01 --threads 2
 
-On the default MNIST-5k features (float64, bias column; see ``experiments/sanity.py``) it solves the
-leave-one-out problem of the same ``m`` training samples three ways with
+On the features of ``base`` (default MNIST-5k; :func:`reweight.pipeline.features`) and the float64
+head with a bias column at ``lam`` (:func:`reweight.pipeline.attribution_problem`, as the sanity
+study), it solves the leave-one-out problem of the same ``m`` training samples
+(:func:`reweight.pipeline.draw_subset`, stream ``bench_subset`` of ``seed``) three ways with
 :func:`reweight.attribution.exact_loo` -- ``newton_step`` (default: Newton-step start from ``W*`` with
 the full Hessian, vectorised simplified-Newton polish, certified by ``solve_head``), ``optimum``
 (``solve_head`` from ``W*``) and ``none`` (``solve_head`` from zeros, the from-scratch refit) -- all to
-the same tolerance, checks they agree, and reports per-sample medians and speed-ups. It then
-times ``fit`` + ``scores`` (mean validation loss target, all ``n`` training samples) of every
-registered attribution method. Writes ``<out>/bench.json`` (and a RunDir with ``summary.json``).
+the same gradient-norm tolerance ``grad_tol``, checks they agree, and reports per-sample medians
+and speed-ups. It then times ``fit`` + ``scores`` (mean validation loss target, all ``n`` training
+samples) of every registered attribution method. Writes ``<out>/bench.json`` (and a run directory
+with ``summary.json``); ``out`` defaults to ``runs/bench_loo/m<m>_lam<lam>``.
 """
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence
+from typing import Any, ClassVar, Dict, List, Optional
 
-import numpy as np
 import torch
 
 from reweight.attribution import ATTRIBUTION, exact_loo, make_attribution
+from reweight.config import RunConfig
+from reweight.config import help_field as _f
+from reweight.errors import ConfigError
+from reweight.pipeline import attribution_problem, draw_subset, features
 from reweight.runs import RunDir, atomic_write_json
-from reweight.seeding import numpy_rng
 
-from .sanity import SanityConfig, load_problem
+from .study import Context, Study, shim
 
-__all__ = ["BenchConfig", "main", "run_bench"]
+__all__ = ["BenchConfig", "STUDY", "out_path", "run_bench"]
 
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What the benchmark ran (saved as the run's config)."""
+    """The exact-LOO benchmark (saved as the run's config)."""
 
-    m: int = 100
-    lam: float = 0.1
-    tol: float = 1e-10
-    seed: int = 0
-    threads: int = 1
-    methods: list = field(default_factory=list)
+    m: int = _f(100, "number of left-out samples")
+    lam: float = _f(0.1, "lambda of the head (> 0); base.head.lam is not used")
+    grad_tol: float = _f(1e-10, "gradient-norm tolerance of every solve (formerly tol)")
+    seed: int = _f(0, "seed of the left-out subset")
+    methods: List[str] = _f([], "attribution methods timed (empty = every registered one)")
+    out: Optional[str] = _f(None, "output directory (default runs/bench_loo/m<m>_lam<lam>)")
+    base: RunConfig = field(default_factory=lambda: RunConfig(threads=1), metadata={
+        "help": "data, backbone and features (base.seed: the features' root seed; base.threads: torch "
+                "threads, default 1 for stable timings)"})
+
+    LEGACY_KEYS: ClassVar[Dict[str, str]] = {"tol": "grad_tol", "threads": "base.threads"}
+
+    def __post_init__(self) -> None:
+        if self.m < 1 or not self.lam > 0 or not self.grad_tol > 0:
+            raise ConfigError(f"The 'm' (>= 1), 'lam' (> 0) and 'grad_tol' (> 0) parameters of BenchConfig are out of "
+                              f"range. Got {self.m!r}, {self.lam!r}, {self.grad_tol!r} instead.")
+        for m in self.methods:
+            ATTRIBUTION.get(m)  # unknown name -> ConfigError listing the valid ones
 
 
-def run_bench(cfg: BenchConfig, out: Path, overwrite: bool = False) -> Dict[str, Any]:
-    """Run the benchmark of ``cfg`` into directory ``out``; returns the JSON-able result."""
-    torch.set_num_threads(cfg.threads)
+def out_path(cfg: BenchConfig) -> Path:
+    """The output directory of ``cfg``: ``out``, else ``runs/bench_loo/m<m>_lam<lam>``."""
+    return Path(cfg.out) if cfg.out else Path("runs") / "bench_loo" / f"m{cfg.m}_lam{cfg.lam:g}"
+
+
+def run_bench(cfg: BenchConfig, overwrite: bool = False, progress: bool = False) -> Dict[str, Any]:
+    """Run the benchmark of ``cfg`` into :func:`out_path` (``bench.json``); returns the JSON-able result."""
+    if cfg.base.threads:
+        torch.set_num_threads(cfg.base.threads)
+    out = out_path(cfg)
     run = RunDir(out, cfg, overwrite=overwrite)
-    run.write_env(cfg.seed, "cpu")
-    scfg = SanityConfig(lams=[cfg.lam], loo_tol=cfg.tol)
+    run.write_env(cfg.seed, cfg.base.device)
     t0 = time.perf_counter()
-    pr, fs, sp = load_problem(scfg, cfg.lam)
-    t_fit = time.perf_counter() - t0
-    subset = torch.from_numpy(np.sort(numpy_rng(cfg.seed, "bench_subset").choice(pr.n, size=cfg.m, replace=False)))
-    res: Dict[str, Any] = {"n_train": pr.n, "K": pr.K, "D": pr.D, "lam": cfg.lam, "m": cfg.m, "tol": cfg.tol,
-                           "threads": cfg.threads, "platform": platform.processor() or platform.machine(),
+    fs = features(cfg.base, progress=progress)
+    t_features = time.perf_counter() - t0
+    pr, sp = attribution_problem(cfg.base, fs, lam=cfg.lam, grad_tol=cfg.grad_tol)
+    t_fit = time.perf_counter() - t0 - t_features
+    subset = draw_subset(pr.n, cfg.m, cfg.seed, "bench_subset")
+    res: Dict[str, Any] = {"n_train": pr.n, "K": pr.K, "D": pr.D, "lam": cfg.lam, "m": int(subset.numel()),
+                           "grad_tol": cfg.grad_tol, "threads": torch.get_num_threads(),
+                           "platform": platform.processor() or platform.machine(),
                            "full_fit_seconds": t_fit, "load_average_start": list(os.getloadavg()), "loo": {}}
     loo = {}
     for ws in ("newton_step", "optimum", "none"):
-        r = exact_loo(pr, subset, sp["X_val"], sp["y_val"], grad_tol=cfg.tol, warm_start=ws)
+        r = exact_loo(pr, subset, sp["X_val"], sp["y_val"], grad_tol=cfg.grad_tol, warm_start=ws)
         loo[ws] = r
         res["loo"][ws] = {"median_ms_per_sample": float(r.seconds.median()) * 1e3,
                           "mean_ms_per_sample": float(r.seconds.mean()) * 1e3,
@@ -90,42 +115,37 @@ def run_bench(cfg: BenchConfig, out: Path, overwrite: bool = False) -> Dict[str,
         res["estimators"][name] = {"fit_seconds": m.fit_seconds, "score_seconds": m.last_score_seconds,
                                    "total_seconds": total, "n_scored": int(s.numel())}
     res["seconds"] = time.perf_counter() - t0
+    res["features_seconds"] = t_features
     res["load_average_end"] = list(os.getloadavg())  # the machine is shared: record how busy it was
     atomic_write_json(Path(out) / "bench.json", res)
     run.finish({k: v for k, v in res.items() if k != "estimators"})
-    return res
+    return {**res, "out": str(out)}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.bench_loo", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--m", type=int, default=100, help="number of left-out samples (default %(default)s)")
-    p.add_argument("--lam", type=float, default=0.1, help="lambda of the head (default %(default)s)")
-    p.add_argument("--tol", type=float, default=1e-10, help="gradient-norm tolerance of every solve")
-    p.add_argument("--seed", type=int, default=0, help="seed of the subset")
-    p.add_argument("--threads", type=int, default=1, help="torch threads (default %(default)s: stable timings)")
-    p.add_argument("--quick", action="store_true", help="m=20")
-    p.add_argument("--out", default=None, help="output directory (default runs/bench_loo/<m>_<lam>)")
-    p.add_argument("--overwrite", action="store_true")
-    args = p.parse_args(argv)
-    m = 20 if args.quick else args.m
-    cfg = BenchConfig(m=m, lam=args.lam, tol=args.tol, seed=args.seed, threads=args.threads)
-    out = Path(args.out) if args.out else Path("runs") / "bench_loo" / f"m{m}_lam{args.lam:g}"
-    res = run_bench(cfg, out, overwrite=args.overwrite)
+def _run(cfg: BenchConfig, ctx: Context) -> Dict[str, Any]:
+    return run_bench(cfg, overwrite=ctx.overwrite, progress=ctx.progress)
+
+
+def report(res: Dict[str, Any]) -> str:
+    """The LOO timings and speed-ups, then the estimators' times."""
     L = res["loo"]
-    print(f"exact LOO of m={m} samples (n={res['n_train']}, K*D={res['K'] * res['D']}, lam={args.lam:g}, "
-          f"tol={args.tol:g}, {args.threads} thread(s))")
+    lines = [f"exact LOO of m={res['m']} samples (n={res['n_train']}, K*D={res['K'] * res['D']}, lam={res['lam']:g}, "
+             f"grad_tol={res['grad_tol']:g}, {res['threads']} thread(s))"]
     for ws in ("newton_step", "optimum", "none"):
         extra = (f"  speed-up median {L[ws]['speedup_median']:.1f}x, total {L[ws]['speedup_total']:.1f}x, "
                  f"max |diff| {L[ws]['max_abs_diff_delta_val_vs_scratch']:.1e}") if ws != "none" else ""
-        print(f"  {ws:12s} median {L[ws]['median_ms_per_sample']:8.2f} ms/sample, setup {L[ws]['setup_seconds']:.2f}s,"
-              f" total {L[ws]['total_seconds']:.2f}s{extra}")
-    print("time to score all training samples (fit + score, val-loss target):")
-    for k, v in res["estimators"].items():
-        print(f"  {k:20s} {v['total_seconds']:8.3f}s")
-    print(f"written: {out / 'bench.json'}")
-    return 0
+        lines.append(f"  {ws:12s} median {L[ws]['median_ms_per_sample']:8.2f} ms/sample, setup "
+                     f"{L[ws]['setup_seconds']:.2f}s, total {L[ws]['total_seconds']:.2f}s{extra}")
+    lines.append("time to score all training samples (fit + score, val-loss target):")
+    lines += [f"  {k:20s} {v['total_seconds']:8.3f}s" for k, v in res["estimators"].items()]
+    lines.append(f"written: {Path(res['out']) / 'bench.json'}")
+    return "\n".join(lines)
 
+
+STUDY = Study(name="bench_loo", summary="warm-started exact leave-one-out vs refits; cost of every estimator",
+              config=BenchConfig, run=_run, report=report, quick=("m=20",), threads_key="base.threads",
+              legacy_flags={"--m": "m", "--lam": "lam", "--tol": "grad_tol", "--seed": "seed", "--out": "out"},
+              description=__doc__ or "")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    shim("bench_loo")

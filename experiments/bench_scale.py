@@ -2,11 +2,11 @@
 
 ::
 
-    python -m experiments.bench_scale --quick            # a minute: small sizes, checks the pipeline
-    python -m experiments.bench_scale                    # sweeps n (1e4..1e6), d (64..2048), K (10..1000), MNIST-5k
-    python -m experiments.bench_scale --sweeps n --name n_only
+    carrot bench_scale --quick            # a minute: small sizes, checks the pipeline
+    carrot bench_scale                    # sweeps n (1e4..1e6), d (64..2048), K (10..1000), MNIST-5k
+    carrot bench_scale sweeps=[n] name=n_only
 
-Each configuration runs in its own subprocess, so the peak resident memory (``ru_maxrss``) belongs
+Each configuration runs in its own subprocess (:func:`measure` in a fresh interpreter), so the peak resident memory (``ru_maxrss``) belongs
 to that configuration alone. Per configuration, on synthetic float32 features (bias column
 appended, ``D = d + 1``):
 
@@ -28,8 +28,9 @@ appended, ``D = d + 1``):
   ``influence`` (``influence_cg`` scores on the mean validation loss), ``loo`` (exact leave-one-out,
   seconds per left-out sample), ``trak`` (one projected model).
 
-Threads: ``--threads`` or, by default, :func:`reweight.streaming.auto_threads` of one HVP's FLOPs
-(1 thread for small problems, all cores for large ones). Efficiency = (useful FLOPs / time) / (FLOP/s of ``matmul`` measured in the same process).
+Threads: ``threads`` (``--threads``) or, by default, :func:`reweight.streaming.auto_threads` of one HVP's FLOPs
+(1 thread for small problems, all cores for large ones). Efficiency = (useful FLOPs / time) / (FLOP/s of
+``matmul`` measured in the same process).
 Writes ``runs/bench_scale/<name>/`` with ``results.csv``, ``results.json``, ``summary.json`` (the
 acceptance numbers: HVP efficiency at n=1e5, d=512, K=100; log-log slope of HVP time in n;
 peak memory of the n=1e6 CG hypergradient) and ``DONE``.
@@ -37,7 +38,6 @@ peak memory of the n=1e6 CG hypergradient) and ``DONE``.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import resource
@@ -45,28 +45,44 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
 import numpy as np
 
-__all__ = ["BenchScaleConfig", "main", "measure", "plan", "reference_matvec"]
+from reweight.config import help_field as _f
+from reweight.errors import ConfigError
+
+from .study import Context, Study, shim
+
+__all__ = ["BenchScaleConfig", "STUDY", "SWEEPS", "measure", "plan", "reference_matvec", "run_bench"]
+
+SWEEPS = ("n", "d", "K", "mnist", "attr", "store", "knn")
 
 
 @dataclass(frozen=True)
 class BenchScaleConfig:
     """What the benchmark ran (saved as config.yaml of the run directory)."""
 
-    name: str = field(default="default", metadata={"help": "run name"})
-    out_dir: str = field(default="runs/bench_scale", metadata={"help": "parent directory"})
-    quick: bool = field(default=False, metadata={"help": "small sizes"})
-    sweeps: List[str] = field(default_factory=lambda: ["n", "d", "K", "mnist", "attr", "store", "knn"], metadata={"help": "sweeps run"})
-    repeats: int = field(default=5, metadata={"help": "timed repeats per operation (median reported)"})
-    threads: int = field(default=0, metadata={"help": "torch intra-op threads (0 = reweight.streaming.auto_threads)"})
-    lam: float = field(default=1e-2, metadata={"help": "L2 strength"})
-    cg_tol: float = field(default=1e-6, metadata={"help": "CG relative residual"})
-    seed: int = field(default=0, metadata={"help": "data seed"})
+    name: str = _f("default", "run name")
+    out_dir: str = _f("runs/bench_scale", "parent directory")
+    quick: bool = _f(False, "small sizes (about a minute)")
+    sweeps: List[str] = _f(list(SWEEPS), f"sweeps run, from {', '.join(SWEEPS)}")
+    repeats: int = _f(5, "timed repeats per operation (median reported)")
+    threads: int = _f(0, "torch intra-op threads (0 = reweight.streaming.auto_threads of one HVP's FLOPs)")
+    lam: float = _f(1e-2, "L2 strength")
+    cg_tol: float = _f(1e-6, "CG relative residual")
+    seed: int = _f(0, "data seed")
+    timeout: int = _f(1800, "seconds per configuration (its subprocess is stopped after that)")
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.sweeps if s not in SWEEPS]
+        if bad:
+            raise ConfigError(f"The 'sweeps' parameter must hold names from {', '.join(SWEEPS)}. Got {bad[0]!r} instead.")
+        if self.repeats < 1 or self.threads < 0 or self.timeout < 1:
+            raise ConfigError(f"The 'repeats' (>= 1), 'threads' (>= 0) and 'timeout' (>= 1) parameters are out of "
+                              f"range. Got {self.repeats!r}, {self.threads!r}, {self.timeout!r} instead.")
 
 
 def reference_matvec(H, U):
@@ -109,13 +125,11 @@ def _synthetic(n: int, d: int, K: int, seed: int):
 def _mnist(seed: int):
     import torch
 
-    from experiments.main_job import build_problem
-    from reweight.config import load_config
-    from reweight.features import build_features
+    from reweight.config import DataConfig, RunConfig
+    from reweight.pipeline import features, head_problem
 
-    cfg = load_config(None, [f"seed={seed}", "data.dataset=mnist5k"])
-    fs = build_features(cfg.data, cfg.backbone, cfg.features, cfg.seed)
-    problem, _ = build_problem(cfg, fs)
+    cfg = RunConfig(seed=seed, data=DataConfig(dataset="mnist5k"))
+    problem = head_problem(cfg, features(cfg)).problem
     g = torch.Generator().manual_seed(seed)
     n, D = problem.inner.X.shape
     alpha = torch.ones(n)
@@ -156,7 +170,7 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
     flops = 4.0 * n * D * K
     Z = X @ U.T
     t_mm = _median_time(lambda: (torch.mm(X, U.T), torch.mm(Z.T, X)), reps)
-    del Z
+    Z = None  # free it (the timed products allocate their own)
     row.update(matmul_s=t_mm, matmul_gflops=flops / t_mm / 1e9)
     ops = spec["ops"]
 
@@ -253,7 +267,7 @@ def _measure_store(spec: Dict[str, Any], t0: float) -> Dict[str, Any]:
     t_chunk = _median_time(lambda: (torch.mm(Xc, U.T), torch.mm(Zc.T, Xc)), reps)
     t_mm = t_chunk * n / Xc.shape[0]
     flops = 4.0 * n * D * K
-    del Xc, Zc
+    Xc = Zc = None  # free the chunk
     row.update(matmul_s=t_mm, matmul_gflops=flops / t_mm / 1e9)
     obj = StreamingObjective(ChunkedFeatures(store, chunk), y, K, lam)
     H = obj.hessian(W, alpha)
@@ -265,7 +279,7 @@ def _measure_store(spec: Dict[str, Any], t0: float) -> Dict[str, Any]:
     row.update(cg_store_s=sec, cg_store_hvps=vag.hvps, cg_store_rel_residual=vag.rel_residual,
                cg_store_eff=(vag.hvps + 1) * flops / sec / (flops / t_mm))
     row["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-    del H, obj, store
+    H = obj = store = None  # release the memory map before removing its files
     shutil.rmtree(root, ignore_errors=True)
     return row
 
@@ -279,8 +293,15 @@ def _measure_knn(spec: Dict[str, Any], t0: float) -> Dict[str, Any]:
     import torch
 
     from reweight.head import HeadObjective, add_bias, solve_head
-    from reweight.neighbors import brute_force_knn, faiss_available, knn, preselect_and_score, recall_at_k
-    from reweight.neighbors import representer_scores, representer_top
+    from reweight.neighbors import (
+        brute_force_knn,
+        faiss_available,
+        knn,
+        preselect_and_score,
+        recall_at_k,
+        representer_scores,
+        representer_top,
+    )
 
     n, d, K, k = spec["n"], spec["d"], spec["K"], 10
     g = torch.Generator().manual_seed(spec["seed"])
@@ -391,40 +412,28 @@ def _summarise(df) -> Dict[str, Any]:
     return out
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m experiments.bench_scale", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true", help="small sizes (about a minute)")
-    ap.add_argument("--name", default=None, help="run name (default: quick or default)")
-    ap.add_argument("--out-dir", default="runs/bench_scale")
-    ap.add_argument("--sweeps", default="n,d,K,mnist,attr,store,knn", help="comma-separated subset of n,d,K,mnist,attr,store,knn")
-    ap.add_argument("--repeats", type=int, default=5)
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = auto_threads of one HVP's FLOPs)")
-    ap.add_argument("--timeout", type=int, default=1800, help="seconds per configuration")
-    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
-    args = ap.parse_args(argv)
-    if args.worker is not None:
-        print("RESULT " + json.dumps(measure(json.loads(args.worker))), flush=True)
-        return 0
+_WORKER = ("import json, sys; from experiments.bench_scale import measure; "
+           "print('RESULT ' + json.dumps(measure(json.loads(sys.argv[1]))), flush=True)")
 
+
+def run_bench(cfg: BenchScaleConfig) -> Dict[str, Any]:
+    """Run every configuration of :func:`plan` in its own subprocess; write the run directory; return the summary."""
     import pandas as pd
 
     from reweight.runs import RunDir
 
-    sweeps = [s for s in args.sweeps.split(",") if s]
-    bad = [s for s in sweeps if s not in ("n", "d", "K", "mnist", "attr", "store", "knn")]
-    if bad:
-        ap.error(f"unknown sweep {bad[0]!r}; valid: n, d, K, mnist, attr, store, knn")
-    cfg = BenchScaleConfig(name=args.name or ("quick" if args.quick else "default"), out_dir=args.out_dir,
-                           quick=args.quick, sweeps=sweeps, repeats=args.repeats, threads=args.threads)
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=True)
     run.write_env(cfg.seed, "cpu")
+    root = Path(__file__).resolve().parent.parent
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
     rows = []
     for spec in plan(cfg):
         label = f"{spec['sweep']}: n={spec['n']} d={spec['d']} K={spec['K']} ({spec['source']})"
         print(f"[bench_scale] {label} ...", flush=True)
         t = time.perf_counter()
-        p = subprocess.run([sys.executable, "-m", "experiments.bench_scale", "--worker", json.dumps(spec)],
-                           capture_output=True, text=True, timeout=args.timeout, env=dict(os.environ))
+        p = subprocess.run([sys.executable, "-c", _WORKER, json.dumps(spec)], capture_output=True, text=True,
+                           timeout=cfg.timeout, env=env)
         lines = [ln for ln in p.stdout.splitlines() if ln.startswith("RESULT ")]
         if p.returncode != 0 or not lines:
             print(f"[bench_scale]   failed (rc={p.returncode}): {p.stderr[-800:]}", flush=True)
@@ -436,7 +445,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             knn_rows = row.pop("knn_rows")
             run.write_text("knn.csv", pd.DataFrame(knn_rows).to_csv(index=False, float_format="%.6g"))
         rows.append(row)
-        print(f"[bench_scale]   {time.perf_counter() - t:.1f}s  hvp_eff={row.get('hvp_eff', row.get('hvp_store_eff', float('nan'))):.2f} "
+        eff = row.get("hvp_eff", row.get("hvp_store_eff", float("nan")))
+        print(f"[bench_scale]   {time.perf_counter() - t:.1f}s  hvp_eff={eff:.2f} "
               f"peak={row['peak_rss_mb'] / 1024:.2f} GiB", flush=True)
         df = pd.DataFrame(rows)
         run.write_text("results.csv", df.to_csv(index=False, float_format="%.6g"))
@@ -445,10 +455,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     run.write_json("results.json", rows)
     summary = _summarise(df) if "error" not in df or df["error"].isna().all() else _summarise(df[df["error"].isna()])
     run.finish(summary)
-    print(json.dumps(summary, indent=2, sort_keys=True))
-    print(f"run directory: {run.path}")
-    return 0
+    return {"summary": summary, "run_dir": str(run.path)}
 
+
+def _run(cfg: BenchScaleConfig, ctx: Context) -> Dict[str, Any]:
+    return run_bench(cfg)
+
+
+def _report(res: Dict[str, Any]) -> str:
+    return json.dumps(res["summary"], indent=2, sort_keys=True) + f"\nrun directory: {res['run_dir']}"
+
+
+STUDY = Study(name="bench_scale", summary="scaling of the head kernels: time, peak memory, efficiency vs n, d, K",
+              config=BenchScaleConfig, run=_run, report=_report, quick=("quick=true", "name=quick"),
+              legacy_flags={"--name": "name", "--out-dir": "out_dir", "--sweeps": "sweeps[]", "--repeats": "repeats",
+                            "--timeout": "timeout"},
+              description=__doc__ or "")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    shim("bench_scale")

@@ -126,7 +126,8 @@ def _run_study(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) 
     text = study.report(result)
     if text:
         print(text)
-    return 0
+    # a study whose work partly failed (e.g. a paper step) says so with an ``exit_code`` in its result
+    return int(result.get("exit_code", 0)) if isinstance(result, dict) else 0
 
 
 def _runs_list(root: Path) -> int:

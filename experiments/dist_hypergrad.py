@@ -3,7 +3,10 @@
 Launch with torchrun (Gloo on CPU, NCCL with ``device=cuda``)::
 
     torchrun --standalone --nproc_per_node=2 -m experiments.dist_hypergrad n=20000 d=64 K=10
-    python -m experiments.dist_hypergrad n=2000          # the same code in one process
+    carrot dist_hypergrad n=2000          # the same code in one process
+
+(``python -m experiments.dist_hypergrad`` is the one command line's ``carrot dist_hypergrad``; every
+rank parses the same arguments.)
 
 Every rank builds only its own rows of a synthetic problem (deterministic per row block, so the
 data do not depend on the number of ranks) or reads its rows from a feature store
@@ -16,25 +19,24 @@ Every rank checks that all ranks got the same config before any work.
 
 from __future__ import annotations
 
-import sys
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, Optional, Tuple
 
 import torch
 
-from reweight.errors import CarrotError
 from reweight.config import help_field as _f
-from reweight.config import load_config, to_dict
+from reweight.config import to_dict
 from reweight.errors import ConfigError
 from reweight.seeding import torch_generator
 
-__all__ = ["DistConfig", "build_local_problem", "main", "run", "synthetic_rows"]
+from .study import Context, Study, shim
+
+__all__ = ["DistConfig", "STUDY", "build_local_problem", "run", "synthetic_rows"]
 
 BLOCK = 4096  # synthetic rows are generated in blocks with their own seed stream
-
-
 
 
 @dataclass(frozen=True)
@@ -53,10 +55,12 @@ class DistConfig:
     device: str = _f("cpu", "cpu (Gloo) or cuda (NCCL, one GPU per rank)")
     chunk_rows: int = _f(65536, "rows per streamed chunk of the local shard")
     store: Optional[str] = _f(None, "feature store directory (rank-sharded rows read from it) instead of synthetic data")
-    tol: float = _f(1e-10, "CG relative residual of the hypergradient solve")
-    inner_tol: float = _f(1e-9, "Newton gradient-norm tolerance of the inner solve")
+    rtol: float = _f(1e-10, "CG relative residual of the hypergradient solve (formerly tol)")
+    grad_tol: float = _f(1e-9, "Newton gradient-norm tolerance of the inner solve (formerly inner_tol)")
     write_grad: bool = _f(True, "save the (n,) hypergradient in grad.pt")
     debug_lam_rank: int = _f(-1, "testing only: this rank perturbs lam (to exercise the config check)")
+
+    LEGACY_KEYS: ClassVar[Dict[str, str]] = {"tol": "rtol", "inner_tol": "grad_tol"}
 
     def __post_init__(self) -> None:
         for k in ("n", "m", "d", "K", "chunk_rows"):
@@ -166,11 +170,11 @@ def run(cfg: DistConfig) -> Optional[Dict[str, Any]]:
     t_build = time.perf_counter() - t0
     alpha = wm.alpha(s).detach()
     t0 = time.perf_counter()
-    sol = solve_head(obj, alpha, grad_tol=cfg.inner_tol, max_iter=100)
+    sol = solve_head(obj, alpha, grad_tol=cfg.grad_tol, max_iter=100)
     t_inner = time.perf_counter() - t0
     problem = BilevelProblem(obj, Xv, yv, wm)
     t0 = time.perf_counter()
-    hg = hypergradient(ConjugateGradient(rtol=cfg.tol, max_iter=2000), problem, s, sol.W)
+    hg = hypergradient(ConjugateGradient(rtol=cfg.rtol, max_iter=2000), problem, s, sol.W)
     t_hyper = time.perf_counter() - t0
     if rank != 0:
         return None
@@ -191,31 +195,23 @@ def run(cfg: DistConfig) -> Optional[Dict[str, Any]]:
     return summary
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    import argparse
-
-    p = argparse.ArgumentParser(prog="python -m experiments.dist_hypergrad", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("overrides", nargs="*", help="key=value overrides of DistConfig, e.g. n=20000 d=64 K=10 device=cuda")
-    args = p.parse_args(argv)
+def _run(cfg: DistConfig, ctx: Context) -> Optional[Dict[str, Any]]:
     try:
-        cfg = load_config(None, args.overrides, cls=DistConfig)
-    except CarrotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    try:
-        out = run(cfg)
+        return run(cfg)
     finally:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
-    if out is not None:
-        import json
 
-        print(json.dumps(out, indent=2, sort_keys=True))
-    return 0
 
+def _report(summary: Optional[Dict[str, Any]]) -> str:
+    return "" if summary is None else json.dumps(summary, indent=2, sort_keys=True)
+
+
+STUDY = Study(name="dist_hypergrad", summary="one CG hypergradient with samples sharded across torch.distributed ranks",
+              config=DistConfig, run=_run, report=_report, quick=("n=2000", "m=200"), threads_key=None,
+              description=__doc__ or "")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    shim("dist_hypergrad")

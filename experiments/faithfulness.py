@@ -2,13 +2,15 @@
 
 One command::
 
-    .venv/bin/python -m experiments.faithfulness            # 20 test queries, K in {1,5,10,20,50}
-    .venv/bin/python -m experiments.faithfulness --quick    # 5 queries, 1 random draw
-    .venv/bin/python -m experiments.faithfulness lam=0.01 n_queries=40
+    carrot faithfulness                    # 20 test queries, K in {1,5,10,20,50}
+    carrot faithfulness --quick            # 5 queries, 1 random draw
+    carrot faithfulness lam=0.01 n_queries=40 base.data.dataset=digits
 
-Same features and head as ``experiments/sanity.py`` (default MNIST-5k features, float64, bias
-column). For every registered attribution method the per-query scores (target: the query's loss
-at its true label) rank the training samples; :func:`reweight.attribution.faithfulness` then
+Same features and head as the sanity study (:func:`reweight.pipeline.features` of ``base``, default
+MNIST-5k, and :func:`reweight.pipeline.attribution_problem`: float64, bias column, ``lam``; the
+queries are :func:`reweight.pipeline.draw_subset` of the test split, stream ``sanity_queries``).
+For every registered attribution method the per-query scores (target: the query's loss at its true
+label) rank the training samples; :func:`reweight.attribution.faithfulness` then
 
 * ``remove``: sets :math:`\\alpha_i = 0` on the top-K (others unchanged), retrains and records the
   query's confidence :math:`p_y(x)` and accuracy;
@@ -17,33 +19,31 @@ at its true label) rank the training samples; :func:`reweight.attribution.faithf
 each against ``n_random`` draws of K random training samples. Writes
 ``runs/faithfulness/<name>/``: ``rows.csv`` (one row per query/method/mode/K/selection),
 ``curves.csv`` (means over queries), ``table.md``, ``summary.json``, ``DONE``; plot with
-``python -m paper_figs.faithfulness``.
+``carrot figure faithfulness RUN_DIR --out STEM``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List
 
 import torch
 
-from reweight.config import help_field as _f
 from reweight.attribution import ATTRIBUTION, faithfulness, make_attribution
-from reweight.config import BackboneConfig, DataConfig, FeatureConfig, load_config
+from reweight.config import RunConfig
+from reweight.config import help_field as _f
 from reweight.errors import ConfigError
+from reweight.pipeline import attribution_problem, draw_subset, features
 from reweight.runs import RunDir
 
-from .sanity import SanityConfig, load_problem, pick_queries
+from .study import Context, Study, shim
 
-__all__ = ["FaithfulnessConfig", "main", "run_faithfulness"]
+__all__ = ["FaithfulnessConfig", "STUDY", "run_faithfulness"]
 
 log = logging.getLogger(__name__)
-
-
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,9 @@ class FaithfulnessConfig:
 
     name: str = _f("main", "run name (directory <out_dir>/faithfulness/<name>)")
     out_dir: str = _f("runs", "parent directory of run directories")
-    feature_seed: int = _f(0, "root seed of the features")
+    base: RunConfig = field(default_factory=RunConfig, metadata={
+        "help": "data, backbone and features of the head (base.seed: the features' root seed; base.threads: "
+                "torch threads); base.head.lam is not used (lam sets lambda)"})
     seed: int = _f(0, "seed of the queries, the random baselines and the stochastic estimators")
     lam: float = _f(0.1, "L2 strength lambda of the head (> 0)")
     n_queries: int = _f(20, "test queries")
@@ -61,10 +63,10 @@ class FaithfulnessConfig:
     n_random: int = _f(3, "random draws per (query, K) for the baseline")
     methods: List[str] = _f([], "attribution methods (empty = every registered one)")
     method_options: Dict[str, Any] = _f({}, "per-method options")
-    threads: int = _f(0, "torch threads (0 = torch's default)")
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    features: FeatureConfig = field(default_factory=FeatureConfig)
+    # old keys -> their place (read with a deprecation message)
+    LEGACY_KEYS: ClassVar[Dict[str, str]] = {
+        "feature_seed": "base.seed", "threads": "base.threads", "data": "base.data", "backbone": "base.backbone",
+        "features": "base.features"}
 
     def __post_init__(self) -> None:
         if not self.lam > 0:
@@ -80,22 +82,21 @@ QUICK = ["n_queries=5", "n_random=1", "ks=[1,10,50]", "name=quick",
          "method_options={trak: {n_models: 2, proj_dim: 128}, tracin: {epochs: 5}}"]
 
 
-def run_faithfulness(cfg: FaithfulnessConfig, overwrite: bool = False) -> Dict[str, Any]:
+def run_faithfulness(cfg: FaithfulnessConfig, overwrite: bool = False, progress: bool = False) -> Dict[str, Any]:
     """Run the study into ``<out_dir>/faithfulness/<name>``; returns the summary (with the table)."""
     import dataclasses
 
     import pandas as pd
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.base.threads:
+        torch.set_num_threads(cfg.base.threads)
     run = RunDir(Path(cfg.out_dir) / "faithfulness" / cfg.name, cfg, overwrite=overwrite)
-    run.write_env(cfg.seed, "cpu")
+    run.write_env(cfg.seed, cfg.base.device)
     t0 = time.perf_counter()
-    scfg = SanityConfig(feature_seed=cfg.feature_seed, lams=[cfg.lam], data=cfg.data, backbone=cfg.backbone,
-                        features=cfg.features)
     try:
-        pr, fs, sp = load_problem(scfg, cfg.lam)
-        q = pick_queries(sp["X_test"].shape[0], cfg.n_queries, cfg.seed)
+        fs = features(cfg.base, progress=progress)
+        pr, sp = attribution_problem(cfg.base, fs, lam=cfg.lam, grad_tol=1e-10)
+        q = draw_subset(sp["X_test"].shape[0], cfg.n_queries, cfg.seed, "sanity_queries")
         Xq, yq = sp["X_test"][q], sp["y_test"][q]
         rows: List[Dict[str, Any]] = []
         for name in (list(cfg.methods) or ATTRIBUTION.names()):
@@ -150,22 +151,17 @@ def _markdown(curves, cfg: FaithfulnessConfig) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.faithfulness", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML file with FaithfulnessConfig fields")
-    p.add_argument("--quick", action="store_true", help="smoke run: " + " ".join(QUICK))
-    p.add_argument("--overwrite", action="store_true")
-    p.add_argument("-v", "--verbose", action="store_true")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lam=0.01 n_queries=40")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    cfg = load_config(args.config, (QUICK if args.quick else []) + list(args.overrides), cls=FaithfulnessConfig)
-    res = run_faithfulness(cfg, overwrite=args.overwrite)
-    print(res["table"])
-    print(f"run directory: {res['run_dir']} ({res['seconds']:.1f}s)")
-    return 0
+def _run(cfg: FaithfulnessConfig, ctx: Context) -> Dict[str, Any]:
+    return run_faithfulness(cfg, overwrite=ctx.overwrite, progress=ctx.progress)
 
+
+def _report(res: Dict[str, Any]) -> str:
+    return f"{res['table']}\nrun directory: {res['run_dir']} ({res['seconds']:.1f}s)"
+
+
+STUDY = Study(name="faithfulness", summary="retrain without / with only each query's top-K supporters vs K random",
+              config=FaithfulnessConfig, run=_run, report=_report, quick=QUICK, threads_key="base.threads",
+              description=__doc__ or "")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    shim("faithfulness")

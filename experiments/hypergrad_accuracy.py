@@ -2,11 +2,11 @@
 
 One command::
 
-    .venv/bin/python -m experiments.hypergrad_accuracy            # MNIST-5k and digits
-    .venv/bin/python -m experiments.hypergrad_accuracy --quick    # digits only, short sweeps
+    carrot hypergrad_accuracy            # MNIST-5k and digits
+    carrot hypergrad_accuracy --quick    # digits only, short sweeps
 
-For each dataset, on real features (``reweight.features.build_features`` with the default backbone
-config, 40% symmetric noise, seed ``seed``), in float64:
+For each dataset, on real features (:func:`reweight.pipeline.features` of ``base`` with the dataset
+set, seed ``seed``) and the head of :func:`reweight.pipeline.head_problem`, in float64:
 
 1. a fixed non-uniform ``s``: ``warm_steps`` outer steps of the bilevel loop (CG hypergradient)
    from uniform weights;
@@ -19,25 +19,27 @@ config, 40% symmetric noise, seed ``seed``), in float64:
 
 ``cost`` = HVPs + inner steps (one inner gradient step costs about one HVP: two ``n·K·D``
 products; the power iteration that sets the default Neumann / look-ahead step is included).
-Writes ``<out_dir>/<name>/`` with ``results.csv``, ``cosine_vs_cost.pdf``/``.png``, summary.json, DONE.
+Timings use ``base.threads`` torch threads (default 1, so they are comparable). Writes ``<out_dir>/<name>/``
+with ``results.csv``, ``results.md``, ``cosine_vs_cost.pdf``/``.png``, summary.json, DONE.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Tuple
 
 import torch
 
-from reweight.config import RunConfig, _f, load_config
-from reweight.errors import CarrotError, ConfigError
+from reweight.config import RunConfig
+from reweight.config import help_field as _f
+from reweight.errors import ConfigError
 
-__all__ = ["HypergradAccuracyConfig", "main", "plot", "run_study", "sweep"]
+from .study import Context, Study, shim
+
+__all__ = ["HypergradAccuracyConfig", "STUDY", "markdown", "plot", "run_study", "sweep"]
 
 log = logging.getLogger(__name__)
 
@@ -45,7 +47,7 @@ log = logging.getLogger(__name__)
 def _default_base() -> RunConfig:
     from reweight.config import HeadConfig
 
-    return RunConfig(head=HeadConfig(dtype="float64"))
+    return RunConfig(threads=1, head=HeadConfig(dtype="float64"))
 
 
 @dataclass(frozen=True)
@@ -56,7 +58,9 @@ class HypergradAccuracyConfig:
     out_dir: str = _f("runs", "parent directory")
     datasets: List[str] = _f(["mnist5k", "digits"], "embedded datasets (features from build_features)")
     seed: int = _f(0, "root seed of splits, noise and backbone warm-up")
-    base: RunConfig = field(default_factory=_default_base)
+    base: RunConfig = field(default_factory=_default_base, metadata={
+        "help": "data, backbone, features and head of the problem (float64 head; base.threads: torch threads, "
+                "default 1; base.seed and base.data.dataset are set by seed and datasets)"})
     warm_steps: int = _f(5, "outer CG steps from uniform weights that define the fixed non-uniform s")
     inner_tol: float = _f(1e-10, "Newton tolerance ||grad F|| of the inner optimum W*")
     repeats: int = _f(3, "timing repeats per point (the minimum is reported)")
@@ -82,8 +86,8 @@ QUICK = ["datasets=[digits]", "cg_iters=[1, 5, 20, 100]", "neumann_orders=[1, 10
 def sweep(cfg: HypergradAccuracyConfig) -> List[Tuple[str, str, Dict[str, Any], int]]:
     """The (method, variant, options, budget) points of the study."""
     pts: List[Tuple[str, str, Dict[str, Any], int]] = []
-    pts += [("cg", "cg", {"tol": 1e-14, "max_iter": int(k), "warm_start": False}, int(k)) for k in cfg.cg_iters]
-    pts += [("neumann", "neumann", {"order": int(k), "tol": 1e-14}, int(k)) for k in cfg.neumann_orders]
+    pts += [("cg", "cg", {"rtol": 1e-14, "max_iter": int(k), "warm_start": False}, int(k)) for k in cfg.cg_iters]
+    pts += [("neumann", "neumann", {"order": int(k), "rtol": 1e-14}, int(k)) for k in cfg.neumann_orders]
     pts += [("unrolled", "unrolled", {"steps": int(T)}, int(T)) for T in cfg.unroll_steps]
     pts += [("unrolled", f"unrolled (last {min(cfg.truncate, int(T))} steps)",
              {"steps": int(T), "truncate": min(cfg.truncate, int(T))}, int(T)) for T in cfg.unroll_truncated]
@@ -102,15 +106,13 @@ def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
 def _dataset_rows(cfg: HypergradAccuracyConfig, dataset: str, progress: bool) -> Tuple[List[Dict[str, Any]], Dict[str, Any]]:
     from scipy.stats import spearmanr
 
-    from experiments.main_job import build_problem
     from reweight.bilevel import run_bilevel
-    from reweight.features import build_features
     from reweight.head import solve_head
     from reweight.hypergrad import hypergradient, make_method
+    from reweight.pipeline import features, head_problem
 
     rc = dataclasses.replace(cfg.base, seed=cfg.seed, data=dataclasses.replace(cfg.base.data, dataset=dataset))
-    fs = build_features(rc.data, rc.backbone, rc.features, rc.seed)
-    problem, _ = build_problem(rc, fs)
+    problem = head_problem(rc, features(rc, progress=progress)).problem
     out = run_bilevel(problem, make_method("cg", {"rtol": 1e-8}), cfg.warm_steps, rc.outer.lr, grad_tol=cfg.inner_tol,
                       max_iter=200)
     s = out.s
@@ -195,6 +197,8 @@ def run_study(cfg: HypergradAccuracyConfig, overwrite: bool = False, progress: b
 
     from reweight.runs import RunDir
 
+    if cfg.base.threads:
+        torch.set_num_threads(cfg.base.threads)
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=overwrite)
     run.write_env(cfg.seed, cfg.base.device)
     try:
@@ -207,6 +211,7 @@ def run_study(cfg: HypergradAccuracyConfig, overwrite: bool = False, progress: b
         df = pd.DataFrame(rows)
         # wall time varies between runs: everything else in results.csv is reproducible byte for byte
         run.write_text("results.csv", df.to_csv(index=False, float_format="%.6g"))
+        run.write_text("results.md", markdown(df))
         plot(df, run.file("cosine_vs_cost"))
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
@@ -226,30 +231,19 @@ def markdown(df) -> str:
     return "\n".join(lines) + "\n"
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.hypergrad_accuracy", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML of HypergradAccuracyConfig (default: built-in defaults)")
-    p.add_argument("--quick", action="store_true", help="smoke run: " + " ".join(QUICK))
-    p.add_argument("--overwrite", action="store_true", help="replace a run directory made by another config")
-    p.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; timings comparable)")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. datasets=[digits] cg_iters=[1,10]")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    torch.set_num_threads(max(1, args.threads))
-    try:
-        cfg = load_config(args.config, (QUICK if args.quick else []) + list(args.overrides), cls=HypergradAccuracyConfig)
-        df = run_study(cfg, overwrite=args.overwrite)
-    except CarrotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    root = Path(cfg.out_dir) / cfg.name
-    text = markdown(df)
-    (root / "results.md").write_text(text)
-    print(text)
-    print(f"results: {root / 'results.csv'}, figure: {root / 'cosine_vs_cost.pdf'} (.png)")
-    return 0
+def _run(cfg: HypergradAccuracyConfig, ctx: Context) -> Dict[str, Any]:
+    df = run_study(cfg, overwrite=ctx.overwrite, progress=ctx.progress)
+    return {"table": df, "root": Path(cfg.out_dir) / cfg.name}
 
+
+def _report(res: Dict[str, Any]) -> str:
+    root = res["root"]
+    return markdown(res["table"]) + f"results: {root / 'results.csv'}, figure: {root / 'cosine_vs_cost.pdf'} (.png)"
+
+
+STUDY = Study(name="hypergrad_accuracy", summary="every hypergradient method against the exact one: accuracy vs cost",
+              config=HypergradAccuracyConfig, run=_run, report=_report, quick=QUICK, threads_key="base.threads",
+              description=__doc__ or "")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    shim("hypergrad_accuracy")

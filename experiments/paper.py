@@ -2,27 +2,29 @@
 
 One command::
 
-    .venv/bin/python -m experiments.paper --out paper_out            # default grid (MNIST-5k; 24 min measured on 2 cores)
-    .venv/bin/python -m experiments.paper --out paper_out --quick    # quick grid (digits; 3-5 min measured on 2 cores)
-    .venv/bin/python -m experiments.paper --out paper_out --quick --no-run   # rebuild tables/figures only
+    carrot paper out=paper_out                    # default grid (MNIST-5k; 24 min measured on 2 cores)
+    carrot paper --quick out=paper_out            # quick grid (digits; 3-5 min measured on 2 cores)
+    carrot paper --quick out=paper_out no_run=true    # rebuild tables/figures only
+    carrot paper out=paper_out steps=[sanity, faithfulness]
 
-Steps (each sub-experiment runs as its own process with its own ``--quick`` flag, two at a time
-(``--jobs``), so a crash in one does not stop the others, and its exact command is recorded):
+Steps (each sub-experiment runs as its own process through the one command line,
+``python -m experiments.cli <study> --threads 1 --quiet [--quick] key=value ...``, ``jobs`` at a time,
+so a crash in one does not stop the others, and its exact command is recorded):
 
-1. ``main_job``: ``experiments.cli run`` for seeds 0, 1, 2 (uniform vs learned weights);
-2. ``noise_grid``: ``experiments.noise_grid`` (bilevel vs baselines under label noise / imbalance);
-3. ``hypergrad_accuracy``: ``experiments.hypergrad_accuracy`` (the approximation ladder vs exact);
-4. ``sanity``: ``experiments.sanity`` (attribution estimators vs exact leave-one-out);
-5. ``faithfulness``: ``experiments.faithfulness`` (remove / keep top-K supporters);
-6. ``staged``: ``experiments.staged`` (head-only vs staged training).
+1. ``main_job``: ``run`` for seeds 0, 1, 2 (uniform vs learned weights);
+2. ``noise_grid``: bilevel vs baselines under label noise / imbalance;
+3. ``hypergrad_accuracy``: the approximation ladder vs exact;
+4. ``sanity``: attribution estimators vs exact leave-one-out;
+5. ``faithfulness``: remove / keep top-K supporters;
+6. ``staged``: head-only vs staged training.
 
-A step whose module does not exist is skipped with a line in ``INDEX.md``; finished run directories
-are reused on a rerun (each experiment resumes / skips its finished runs), and the feature cache
-(``.carrot_cache``) makes warm-ups a one-time cost. Then every registered table
-(:data:`analysis.TABLES`; CSV, Markdown, LaTeX) goes to ``<out>/tables/`` and every registered
-figure (:data:`paper_figs.FIGURES`; PDF, PNG) to ``<out>/figures/``, each from the runs of the
-study it names, with ``<out>/INDEX.md`` listing every artefact, its source runs, the runs it
-skipped and why, and the command that rebuilds it alone, and ``provenance.json`` files (git
+A step whose study is not registered in this checkout is skipped with a line in ``INDEX.md``;
+finished run directories are reused on a rerun (each experiment resumes / skips its finished runs),
+and the feature cache (``<out>/.feature_cache``) makes warm-ups a one-time cost. Then every
+registered table (:data:`analysis.TABLES`; CSV, Markdown, LaTeX) goes to ``<out>/tables/`` and
+every registered figure (:data:`paper_figs.FIGURES`; PDF, PNG) to ``<out>/figures/``, each from the
+runs of the study it names, with ``<out>/INDEX.md`` listing every artefact, its source runs, the runs
+it skipped and why, and the command that rebuilds it alone, and ``provenance.json`` files (git
 commit, package versions, config hashes).
 
 Reproducibility: the ``*.csv`` tables hold no wall-clock numbers (those go to ``*_timing.csv``), so
@@ -31,7 +33,6 @@ rerunning the same grid on the same machine gives byte-identical CSV tables.
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import importlib.util
 import json
@@ -46,11 +47,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
-__all__ = ["GRIDS", "Step", "build_artefacts", "main", "plan", "run_steps", "study_dirs", "write_index"]
+from reweight.config import help_field as _f
+from reweight.errors import ConfigError
+
+from .study import STUDIES, Study, shim
+
+__all__ = ["GRIDS", "PaperConfig", "STEPS", "STUDY", "Step", "build_artefacts",
+           "plan", "run_paper", "run_steps", "study_dirs", "write_index"]
 
 log = logging.getLogger(__name__)
 
 SEEDS = (0, 1, 2)
+
+#: step name -> the study it runs (``main_job`` is the main job, run once per seed)
+STEPS: Dict[str, str] = {"main_job": "run", "noise_grid": "noise_grid", "hypergrad_accuracy": "hypergrad_accuracy",
+                         "sanity": "sanity", "faithfulness": "faithfulness", "staged": "staged"}
 
 GRIDS: Dict[str, Dict[str, List[str]]] = {
     "quick": {
@@ -58,8 +69,8 @@ GRIDS: Dict[str, Dict[str, List[str]]] = {
         "noise_grid": ["base.data.dataset=digits", "base.backbone.epochs=6", "settings=[sym40, lt10]",
                        "seeds=[0, 1]", "base.outer.steps=20", "baseline_epochs=20", "sgd_lr_grid=[0.01]"],
         "hypergrad_accuracy": ["base.backbone.epochs=6"],
-        "sanity": ["data.dataset=digits", "backbone.epochs=6"],
-        "faithfulness": ["data.dataset=digits", "backbone.epochs=6", "ks=[1, 10, 50]",
+        "sanity": ["base.data.dataset=digits", "base.backbone.epochs=6"],
+        "faithfulness": ["base.data.dataset=digits", "base.backbone.epochs=6", "ks=[1, 10, 50]",
                          "methods=[hypergrad_cg, influence_cg, influence_kfac, representer, tracin]"],
         "staged": [],
     },
@@ -69,20 +80,44 @@ GRIDS: Dict[str, Dict[str, List[str]]] = {
         "hypergrad_accuracy": [],
         "sanity": [],
         "faithfulness": ["n_queries=10", "n_random=2"],
-        "staged": ["--seeds", "0"],  # one seed: its five strategies take ~30 CPU-minutes
+        "staged": ["seeds=[0]"],  # one seed: its five strategies take ~30 CPU-minutes
     },
 }
-"""Overrides per grid and step (after the experiment's own ``--quick`` list, so they win). Every step
-also gets ``threads=1`` (results do not depend on the machine's core count) and the feature cache
+"""Overrides per grid and step (after the study's own ``--quick`` list, so they win). Every step also
+runs with ``--threads 1`` (results do not depend on the machine's core count) and the feature cache
 ``<out>/.feature_cache`` (a fresh output folder recomputes everything; a rerun reuses it)."""
+
+#: the feature-cache key of each study's config
+_CACHE_KEY = {"run": "features.cache_dir"}
+
+
+@dataclass(frozen=True)
+class PaperConfig:
+    """The reproduction: which grid, where, which steps."""
+
+    out: str = _f("paper_out", "output folder (runs, logs, tables, figures, INDEX.md)")
+    quick: bool = _f(False, "the quick grid (digits, few steps; < 5 min on 2 cores)")
+    no_run: bool = _f(False, "do not run experiments; build tables/figures from existing runs")
+    steps: List[str] = _f([], f"run only these steps, from {', '.join(STEPS)} (empty = all)")
+    timeout: Optional[float] = _f(None, "per-step timeout in seconds (null = none)")
+    jobs: int = _f(2, "sub-experiments run side by side")
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.steps if s not in STEPS]
+        if bad:
+            raise ConfigError(f"The 'steps' parameter must name steps from {', '.join(sorted(STEPS))}. "
+                              f"Got {bad} instead.")
+        if self.jobs < 1 or (self.timeout is not None and not self.timeout > 0):
+            raise ConfigError(f"The 'jobs' (>= 1) and 'timeout' (> 0 or null) parameters are out of range. "
+                              f"Got {self.jobs!r} and {self.timeout!r} instead.")
 
 
 @dataclass
 class Step:
-    """One sub-experiment invocation: ``python -m <module> <argv>``."""
+    """One sub-experiment: ``python -m experiments.cli <study> <argv>``."""
 
     name: str
-    module: str
+    study: str
     argv: List[str]
     output: str
     description: str
@@ -92,7 +127,7 @@ class Step:
     message: str = ""
 
     def command(self) -> str:
-        return " ".join(["python", "-m", self.module] + [_quote(a) for a in self.argv])
+        return " ".join(["python", "-m", "experiments.cli", self.study] + [_quote(a) for a in self.argv])
 
 
 def _quote(a: str) -> str:
@@ -104,41 +139,39 @@ def plan(out: Path, quick: bool) -> List[Step]:
     grid = "quick" if quick else "full"
     g = GRIDS[grid]
     R = out / "runs" / grid
-    q = ["--quick"] if quick else []
     cache = str(out / ".feature_cache")
-    main = [Step(f"main_job_seed{s}", "experiments.cli",
-                 ["run", "--quiet"] + g["main_job"] + ["threads=1", f"features.cache_dir={cache}", f"seed={s}",
-                                                       f"name=seed{s}", f"out_dir={R / 'main'}"],
+
+    def argv(step: str, *where: str) -> List[str]:
+        study = STEPS[step]
+        q = ["--quick"] if quick and study != "run" else []  # the main job's quick grid is its overrides
+        return ["--threads", "1", "--quiet"] + q + g[step] + [f"{_CACHE_KEY.get(study, 'base.features.cache_dir')}={cache}",
+                                                              *where]
+
+    main = [Step(f"main_job_seed{s}", "run", argv("main_job", f"seed={s}", f"name=seed{s}", f"out_dir={R / 'main'}"),
                  str(R / "main" / f"seed{s}"), f"main job, seed {s}: uniform vs learned weights") for s in SEEDS]
     other = {
-        "noise_grid": Step("noise_grid", "experiments.noise_grid",
-                           q + ["--threads", "1"] + g["noise_grid"] + [f"base.features.cache_dir={cache}",
-                                                                       f"out_dir={R}", "name=noise_grid"],
+        "noise_grid": Step("noise_grid", "noise_grid", argv("noise_grid", f"out_dir={R}", "name=noise_grid"),
                            str(R / "noise_grid"), "noise grid: bilevel reweighting vs baselines"),
-        "hypergrad_accuracy": Step("hypergrad_accuracy", "experiments.hypergrad_accuracy",
-                                   q + ["--threads", "1"] + g["hypergrad_accuracy"]
-                                   + [f"base.features.cache_dir={cache}", f"out_dir={R}", "name=hypergrad_accuracy"],
+        "hypergrad_accuracy": Step("hypergrad_accuracy", "hypergrad_accuracy",
+                                   argv("hypergrad_accuracy", f"out_dir={R}", "name=hypergrad_accuracy"),
                                    str(R / "hypergrad_accuracy"), "hypergradient ladder vs exact"),
-        "sanity": Step("sanity", "experiments.sanity",
-                       q + g["sanity"] + ["threads=1", f"features.cache_dir={cache}", f"out_dir={R}", "name=main"],
+        "sanity": Step("sanity", "sanity", argv("sanity", f"out_dir={R}", "name=main"),
                        str(R / "sanity" / "main"), "attribution estimators vs exact leave-one-out"),
-        "faithfulness": Step("faithfulness", "experiments.faithfulness",
-                             q + g["faithfulness"] + ["threads=1", f"features.cache_dir={cache}", f"out_dir={R}",
-                                                      "name=main"],
+        "faithfulness": Step("faithfulness", "faithfulness", argv("faithfulness", f"out_dir={R}", "name=main"),
                              str(R / "faithfulness" / "main"), "faithfulness: remove / keep top-K supporters"),
-        "staged": Step("staged", "experiments.staged", q + g["staged"] + ["--out", str(R / "staged")],
-                       str(R / "staged"), "staged training strategies"),
+        "staged": Step("staged", "staged", argv("staged", f"out={R / 'staged'}"), str(R / "staged"),
+                       "staged training strategies"),
     }
     # execution order with two workers: the longest steps start early; main seed 0 first builds the
     # seed-0 features that sanity / faithfulness / hypergrad_accuracy then read from the cache
-    steps = [main[0], other["staged"], main[1], other["faithfulness"], main[2], other["sanity"], other["noise_grid"],
-             other["hypergrad_accuracy"]]
-    return steps
+    return [main[0], other["staged"], main[1], other["faithfulness"], main[2], other["sanity"], other["noise_grid"],
+            other["hypergrad_accuracy"]]
 
 
-def _module_exists(module: str) -> bool:
+def _study_exists(study: str) -> bool:
+    """Whether ``study`` is registered and its module is in this checkout (not imported: no experiment imports another)."""
     try:
-        return importlib.util.find_spec(module) is not None
+        return study in STUDIES and importlib.util.find_spec(STUDIES[study]) is not None
     except (ImportError, ValueError):
         return False
 
@@ -155,8 +188,8 @@ def _run_one(st: Step, log_dir: Path, env: Dict[str, str], timeout: Optional[flo
     t0 = time.perf_counter()
     rc, cpu = -1, float("nan")
     with open(log_dir / f"{st.name}.log", "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", st.module] + st.argv, stdout=fh, stderr=subprocess.STDOUT,
-                                env=env, cwd=os.getcwd())
+        proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", st.study] + st.argv, stdout=fh,
+                                stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
         while True:
             pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
             if pid:
@@ -181,6 +214,10 @@ def _run_one(st: Step, log_dir: Path, env: Dict[str, str], timeout: Optional[flo
     _say(f"[paper] {st.name}: {st.status} in {st.seconds:.0f}s (cpu {cpu:.0f}s) {st.message}")
 
 
+def _missing(st: Step) -> str:
+    return f"study {st.study!r} is not registered in this checkout"
+
+
 def run_steps(steps: Sequence[Step], log_dir: Path, timeout: Optional[float] = None, jobs: int = 2) -> None:
     """Run the steps as subprocesses, ``jobs`` at a time, in list order (stdout/stderr to ``<log_dir>/<name>.log``).
 
@@ -195,9 +232,9 @@ def run_steps(steps: Sequence[Step], log_dir: Path, timeout: Optional[float] = N
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
     todo = []
     for st in steps:
-        if not _module_exists(st.module):
-            st.status, st.message = "skipped", f"module {st.module} does not exist in this checkout"
-            print(f"[paper] skip {st.name}: {st.message}", flush=True)
+        if not _study_exists(st.study):
+            st.status, st.message = "skipped", _missing(st)
+            _say(f"[paper] skip {st.name}: {st.message}")
         else:
             todo.append(st)
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
@@ -320,7 +357,7 @@ def build_artefacts(out: Path, quick: bool, steps: Sequence[Step]) -> List[Artef
     return arts
 
 
-def write_index(out: Path, quick: bool, steps: Sequence[Step], arts: Sequence[Artefact], argv: Sequence[str],
+def write_index(out: Path, quick: bool, steps: Sequence[Step], arts: Sequence[Artefact], command: str,
                 seconds: float) -> Path:
     """``<out>/INDEX.md``: the experiments run (command, status, time) and every artefact with its source."""
     from reweight.runs import atomic_write_text, environment_info
@@ -328,7 +365,7 @@ def write_index(out: Path, quick: bool, steps: Sequence[Step], arts: Sequence[Ar
     env = environment_info()
     rel = lambda p: os.path.relpath(p, out)  # noqa: E731
     lines = [f"# Paper artefacts ({'quick' if quick else 'default'} grid)", "",
-             f"Made by `python -m experiments.paper {' '.join(argv)}` in {seconds:.0f} s "
+             f"Made by `{command}` in {seconds:.0f} s "
              f"(git commit `{env.get('git_commit')}`, python {env.get('python')}, torch {env['packages'].get('torch')}).",
              "Package versions, source runs and config hashes: `tables/provenance.json`, `figures/provenance.json`.",
              "CSV tables are byte-identical on a rerun of the same grid; wall-clock times live only in `*_timing.csv`,",
@@ -355,46 +392,57 @@ def write_index(out: Path, quick: bool, steps: Sequence[Step], arts: Sequence[Ar
     return path
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    p = argparse.ArgumentParser(prog="python -m experiments.paper", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="paper_out", help="output folder (default %(default)s)")
-    p.add_argument("--quick", action="store_true", help="the quick grid (digits, few steps; < 5 min on 2 cores)")
-    p.add_argument("--no-run", action="store_true", help="do not run experiments; build tables/figures from existing runs")
-    p.add_argument("--steps", nargs="+", default=None,
-                   help="run only these steps (main_job, noise_grid, hypergrad_accuracy, sanity, faithfulness, staged)")
-    p.add_argument("--timeout", type=float, default=None, help="per-step timeout in seconds")
-    p.add_argument("--jobs", type=int, default=2, help="sub-experiments run side by side (default %(default)s)")
-    p.add_argument("-v", "--verbose", action="store_true")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if a.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    out = Path(a.out)
+def _command(cfg: PaperConfig) -> str:
+    parts = ["carrot paper"] + (["--quick"] if cfg.quick else []) + [f"out={cfg.out}"]
+    parts += ["no_run=true"] if cfg.no_run else []
+    parts += [f"steps=[{','.join(cfg.steps)}]"] if cfg.steps else []
+    return " ".join(parts)
+
+
+def run_paper(cfg: PaperConfig) -> Dict[str, Any]:
+    """Run the steps of the grid (unless ``no_run``), build every artefact, write INDEX.md.
+
+    Returns the steps, the artefacts, the index path and ``exit_code`` (1 if a step or an artefact failed).
+    """
+    out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    steps = plan(out, a.quick)
-    if a.steps:
-        known = {s.name.split("_seed")[0] for s in steps}
-        bad = [s for s in a.steps if s not in known]
-        if bad:
-            print(f"error: The '--steps' parameter must name steps from {', '.join(sorted(known))}. Got {bad} instead.",
-                  file=sys.stderr)
-            return 2
+    steps = plan(out, cfg.quick)
     for s in steps:
-        if not _module_exists(s.module):
-            s.status, s.message = "skipped", f"module {s.module} does not exist in this checkout"
-        elif a.no_run or (a.steps and s.name.split("_seed")[0] not in a.steps):
-            s.status = "not run (--no-run/--steps): existing runs used"
+        if not _study_exists(s.study):
+            s.status, s.message = "skipped", _missing(s)
+        elif cfg.no_run or (cfg.steps and s.name.split("_seed")[0] not in cfg.steps):
+            s.status = "not run (no_run/steps): existing runs used"
     todo = [s for s in steps if s.status == "pending"]
-    run_steps(todo, out / "logs" / ("quick" if a.quick else "full"), timeout=a.timeout, jobs=a.jobs)
-    arts = build_artefacts(out, a.quick, steps)
-    index = write_index(out, a.quick, steps, arts, argv, time.perf_counter() - t0)
+    run_steps(todo, out / "logs" / ("quick" if cfg.quick else "full"), timeout=cfg.timeout, jobs=cfg.jobs)
+    arts = build_artefacts(out, cfg.quick, steps)
+    index = write_index(out, cfg.quick, steps, arts, _command(cfg), time.perf_counter() - t0)
     failed = [s.name for s in steps if s.status == "failed"] + [x.name for x in arts if x.status == "failed"]
-    print(f"[paper] {sum(x.status == 'built' for x in arts)} artefacts built, "
-          f"{sum(x.status == 'skipped' for x in arts)} skipped, {len(failed)} failed "
-          f"({', '.join(failed) or 'none'}) in {time.perf_counter() - t0:.0f}s; index: {index}")
-    return 1 if failed else 0
+    return {"steps": steps, "artefacts": arts, "index": str(index), "failed": failed,
+            "seconds": time.perf_counter() - t0, "exit_code": 1 if failed else 0}
+
+
+def _report(res: Dict[str, Any]) -> str:
+    arts = res["artefacts"]
+    return (f"[paper] {sum(x.status == 'built' for x in arts)} artefacts built, "
+            f"{sum(x.status == 'skipped' for x in arts)} skipped, {len(res['failed'])} failed "
+            f"({', '.join(res['failed']) or 'none'}) in {res['seconds']:.0f}s; index: {res['index']}")
+
+
+STUDY = Study(name="paper", summary="run the experiment grid, then build every table and figure of the paper",
+              config=PaperConfig, run=lambda cfg, ctx: run_paper(cfg), report=_report, quick=("quick=true",),
+              threads_key=None,
+              legacy_flags={"--out": "out", "--no-run": "no_run", "--steps": "steps[]", "--timeout": "timeout",
+                            "--jobs": "jobs"},
+              description=__doc__ or "")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """``carrot paper ARGS`` (old flags such as ``--out DIR --no-run`` are read as overrides); returns the exit code."""
+    from .cli import main as cli_main
+
+    return cli_main(["paper", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    shim("paper")

@@ -2,62 +2,72 @@
 
 One command::
 
-    .venv/bin/python -m experiments.sanity            # full study (3 lambdas x 3 seeds, m=200)
-    .venv/bin/python -m experiments.sanity --quick    # smoke run (1 lambda, 1 seed, m=60)
-    .venv/bin/python -m experiments.sanity lams=[0.01] subset_size=300 seeds=[0,1,2,3]
+    carrot sanity                      # full study (3 lambdas x 3 seeds, m=200)
+    carrot sanity --quick              # smoke run (1 lambda, 1 seed, m=60)
+    carrot sanity lams=[0.01] subset_size=300 seeds=[0,1,2,3] base.data.dataset=digits
 
-Features: ``reweight.features.build_features`` with the default config (MNIST-5k, 40% symmetric
-label noise on the training split, frozen timm ``test_resnet``; the same cached features as the
-main job), bias column appended, float64. For every ``lam`` and ``seed``:
+Features: :func:`reweight.pipeline.features` of ``base`` (default: MNIST-5k, 40% symmetric label
+noise on the training split, frozen timm ``test_resnet``; the same cached features as the main job;
+``base.seed`` is the features' root seed), bias column appended, float64
+(:func:`reweight.pipeline.attribution_problem`). For every ``lam`` and ``seed``:
 
-1. fit the head ``W*`` (uniform weights) to ``||grad F|| <= 1e-10``;
-2. draw ``subset_size`` training samples and ``n_queries`` test queries (seed streams
-   ``sanity_subset``/``sanity_queries``) and compute exact LOO on the subset (Newton from ``W*``):
-   the change of the mean validation loss and of every query's loss;
+1. fit the head ``W*`` (uniform weights) to ``||grad F|| <= loo_tol``;
+2. draw ``subset_size`` training samples and ``n_queries`` test queries
+   (:func:`reweight.pipeline.draw_subset`, seed streams ``sanity_subset``/``sanity_queries``) and
+   compute exact LOO on the subset (Newton from ``W*``): the change of the mean validation loss and
+   of every query's loss;
 3. fit and score every registered attribution method (all ``n`` training samples; targets: the
    mean validation loss and each query), timing both;
-4. correlate scores with LOO on the subset: Spearman, Kendall, Pearson and top-10% overlap (the
-   10% most helpful samples by LOO vs by the estimate), for the validation target and averaged
-   over queries; LDS on ``lds_subsets`` random half-subsets (same targets).
+4. correlate scores with LOO on the subset (:func:`analysis.tables.rank_correlations`): Spearman,
+   Kendall, Pearson and ``top_overlap`` (the 10% most helpful samples by LOO vs by the estimate),
+   for the validation target and averaged over queries; LDS on ``lds_subsets`` random
+   half-subsets (same targets).
 
 The seed varies the subset, the queries, TracIn's SGD order, TRAK's subsets/projections and the
-LDS subsets; the features (and hence ``W*``) are those of ``feature_seed``.
+LDS subsets; the features (and hence ``W*``) are those of ``base.seed``. ``base.head.lam`` is not
+used (``lams`` sets lambda).
 
-Writes ``runs/sanity/<name>/``: ``config.yaml``, ``env.json``, ``per_seed.csv``, ``summary.csv``,
+Writes ``<out_dir>/sanity/<name>/``: ``config.yaml``, ``env.json``, ``per_seed.csv``, ``summary.csv``,
 ``timings.csv`` (wall times; everything else is byte-identical on a rerun), ``table.md``,
-``loo_scores.csv`` (LOO and estimates on the subset, for ``paper_figs/loo_scatter.py``),
+``loo_scores.csv`` (LOO and estimates on the subset, for ``carrot figure loo_scatter``),
 ``summary.json`` and ``DONE``.
 """
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, ClassVar, Dict, List, Tuple
 
 import numpy as np
 import torch
 
+from reweight.attribution import ATTRIBUTION, AttributionProblem, exact_loo, lds, make_attribution, random_subsets, subset_outputs
+from reweight.config import RunConfig
 from reweight.config import help_field as _f
-from reweight.attribution import (ATTRIBUTION, AttributionProblem, exact_loo, lds, make_attribution,
-                                  random_subsets, subset_outputs)
-from reweight.config import BackboneConfig, DataConfig, FeatureConfig, load_config
 from reweight.errors import ConfigError
-from reweight.features import FeatureSet, build_features
-from reweight.head import add_bias
+from reweight.features import FeatureSet
+from reweight.pipeline import attribution_problem, draw_subset, features
 from reweight.runs import RunDir
-from reweight.seeding import numpy_rng
 
-__all__ = ["SanityConfig", "correlations", "load_problem", "main", "pick_queries", "run_sanity"]
+from .study import Context, Study, shim
+
+__all__ = ["CORRELATIONS", "STUDY", "SanityConfig", "correlations", "markdown_table", "run_sanity", "summarize"]
 
 log = logging.getLogger(__name__)
 
+#: columns of ``per_seed.csv`` holding the agreement with exact LOO (``top_overlap``: top-10% overlap).
+CORRELATIONS = ("spearman", "kendall", "pearson", "top_overlap")
 
+#: old top-level keys of the sanity config -> their place (read with a deprecation message).
+_LEGACY_KEYS: Dict[str, str] = {
+    "feature_seed": "base.seed", "threads": "base.threads", "data": "base.data", "backbone": "base.backbone",
+    "features": "base.features",
+}
 
 
 def _check(cond: bool, name: str, value: Any, expected: str) -> None:
@@ -71,7 +81,9 @@ class SanityConfig:
 
     name: str = _f("main", "run name (directory <out_dir>/sanity/<name>)")
     out_dir: str = _f("runs", "parent directory of run directories")
-    feature_seed: int = _f(0, "root seed of the features (split, noise, backbone warm-up)")
+    base: RunConfig = field(default_factory=RunConfig, metadata={
+        "help": "data, backbone and features of the head (base.seed: the features' root seed; base.threads: "
+                "torch threads); base.head.lam is not used"})
     seeds: List[int] = _f([0, 1, 2], "seeds of the subset, queries, stochastic estimators and LDS subsets")
     lams: List[float] = _f([0.001, 0.01, 0.1], "L2 strengths lambda of the head (each > 0)")
     subset_size: int = _f(200, "m: training samples with exact LOO ground truth")
@@ -80,10 +92,8 @@ class SanityConfig:
     methods: List[str] = _f([], "attribution methods (empty = every registered one)")
     method_options: Dict[str, Any] = _f({}, "per-method options, e.g. {trak: {proj_dim: 128}}")
     loo_tol: float = _f(1e-10, "gradient-norm tolerance of W* and of every LOO solve (float64)")
-    threads: int = _f(0, "torch threads (0 = leave torch's default)")
-    data: DataConfig = field(default_factory=DataConfig)
-    backbone: BackboneConfig = field(default_factory=BackboneConfig)
-    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    LEGACY_KEYS: ClassVar[Dict[str, str]] = _LEGACY_KEYS
 
     def __post_init__(self) -> None:
         _check(len(self.lams) >= 1 and all(x > 0 for x in self.lams), "lams", self.lams,
@@ -103,36 +113,13 @@ QUICK = ["lams=[0.1]", "seeds=[0]", "subset_size=60", "n_queries=5", "lds_subset
          "method_options={trak: {n_models: 2, proj_dim: 128}, tracin: {epochs: 5}}", "name=quick"]
 
 
-def load_problem(cfg: SanityConfig, lam: float, fs: Optional[FeatureSet] = None
-                 ) -> Tuple[AttributionProblem, FeatureSet, Dict[str, torch.Tensor]]:
-    """Features of ``cfg`` (cached) -> float64 bias-augmented splits -> the head fitted at ``lam``."""
-    if fs is None:
-        fs = build_features(cfg.data, cfg.backbone, cfg.features, cfg.feature_seed)
-    X = add_bias(fs.X_train.to(torch.float64))
-    splits = {"X_val": add_bias(fs.X_val.to(torch.float64)), "y_val": fs.y_val,
-              "X_test": add_bias(fs.X_test.to(torch.float64)), "y_test": fs.y_test}
-    pr = AttributionProblem.from_data(X, fs.y_train, fs.num_classes, lam, grad_tol=cfg.loo_tol)
-    return pr, fs, splits
-
-
-def pick_queries(n_test: int, k: int, seed: int) -> torch.Tensor:
-    """``k`` distinct test rows (stream ``sanity_queries``)."""
-    return torch.from_numpy(np.sort(numpy_rng(seed, "sanity_queries").choice(n_test, size=min(k, n_test), replace=False)))
-
-
-def _top_overlap(a: np.ndarray, b: np.ndarray, frac: float = 0.1) -> float:
-    k = max(1, int(round(frac * a.size)))
-    return len(set(np.argsort(-a)[:k]) & set(np.argsort(-b)[:k])) / k
-
-
 def correlations(est: np.ndarray, truth: np.ndarray) -> Dict[str, float]:
-    """Spearman, Kendall, Pearson (scipy.stats) and top-10% overlap of ``est`` vs ``truth``."""
-    from scipy.stats import kendalltau, pearsonr, spearmanr
+    """:func:`analysis.tables.rank_correlations` of ``est`` vs ``truth`` (top 10%), all NaN when either is not finite."""
+    from analysis.tables import rank_correlations
 
-    if np.ptp(est) == 0 or np.ptp(truth) == 0:
-        return {"spearman": math.nan, "kendall": math.nan, "pearson": math.nan, "top10": math.nan}
-    return {"spearman": float(spearmanr(est, truth).statistic), "kendall": float(kendalltau(est, truth).statistic),
-            "pearson": float(pearsonr(est, truth).statistic), "top10": _top_overlap(est, truth)}
+    if not (np.isfinite(est).all() and np.isfinite(truth).all()):
+        return {k: math.nan for k in CORRELATIONS}
+    return rank_correlations(est, truth, top_frac=0.1)
 
 
 def _method_names(cfg: SanityConfig) -> List[str]:
@@ -143,9 +130,8 @@ def _one(cfg: SanityConfig, pr: AttributionProblem, fs: FeatureSet, splits: Dict
          seed: int, progress: bool) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]]]:
     """One (lam, seed) cell: LOO, every method, correlations, LDS. Returns (metric rows, score rows)."""
     n = pr.n
-    subset = torch.from_numpy(np.sort(numpy_rng(seed, "sanity_subset").choice(n, size=min(cfg.subset_size, n),
-                                                                               replace=False)))
-    q = pick_queries(splits["X_test"].shape[0], cfg.n_queries, seed)
+    subset = draw_subset(n, cfg.subset_size, seed, "sanity_subset")
+    q = draw_subset(splits["X_test"].shape[0], cfg.n_queries, seed, "sanity_queries")
     Xq, yq = splits["X_test"][q], splits["y_test"][q]
     Xv, yv = splits["X_val"], splits["y_val"]
     loo = exact_loo(pr, subset, Xv, yv, Xq, yq, grad_tol=cfg.loo_tol, progress=progress)
@@ -178,7 +164,7 @@ def _one(cfg: SanityConfig, pr: AttributionProblem, fs: FeatureSet, splits: Dict
         timing = {"fit_seconds": t_fit, "score_val_seconds": t_val, "score_query_seconds": t_q,
                   "seconds": t_fit + t_val}
         rows.append({**base, "method": name, "target": "val", **r_val, "lds": lds_v, **timing})
-        qmean = {k: float(np.nanmean([r[k] for r in r_q])) for k in ("spearman", "kendall", "pearson", "top10")}
+        qmean = {k: float(np.nanmean([r[k] for r in r_q])) for k in CORRELATIONS}
         rows.append({**base, "method": name, "target": "query", **qmean, "lds": float(torch.nanmean(lds_q)), **timing})
         for j, i in enumerate(subset.tolist()):
             score_rows.append({"lam": lam, "seed": seed, "method": name, "train_index": i,
@@ -199,7 +185,7 @@ def summarize(per_seed):
     """Mean and std over seeds per (target, lam, method) -> DataFrame."""
 
     df = per_seed[per_seed["method"] != "exact_loo"]
-    cols = ["spearman", "kendall", "pearson", "top10", "lds", "seconds"]
+    cols = [*CORRELATIONS, "lds", "seconds"]
     g = df.groupby(["target", "lam", "method"], sort=True)[cols]
     mean, std = g.mean(), g.std(ddof=0)
     out = mean.add_suffix("_mean").join(std.add_suffix("_std")).reset_index()
@@ -218,7 +204,7 @@ def markdown_table(summary, per_seed) -> str:
         for _, r in summary[summary["target"] == target].iterrows():
             cell = lambda k, d=3: f"{r[k + '_mean']:.{d}f} ± {r[k + '_std']:.{d}f}"
             lines.append(f"| {r['lam']:g} | {r['method']} | {cell('spearman')} | {cell('kendall')} | {cell('pearson')} | "
-                         f"{cell('top10', 2)} | {cell('lds')} | {r['seconds_mean']:.2f} |")
+                         f"{cell('top_overlap', 2)} | {cell('lds')} | {r['seconds_mean']:.2f} |")
         lines.append("")
     lines.append("Exact LOO on the subset (all samples, warm-started Newton), seconds: " +
                  ", ".join(f"lambda={lam:g}: {s:.2f}" for lam, s in loo.items()))
@@ -229,20 +215,21 @@ def run_sanity(cfg: SanityConfig, overwrite: bool = False, progress: bool = Fals
     """Run the study of ``cfg`` into ``<out_dir>/sanity/<name>``; returns the summary dict."""
     import pandas as pd
 
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
+    if cfg.base.threads:
+        torch.set_num_threads(cfg.base.threads)
     run = RunDir(Path(cfg.out_dir) / "sanity" / cfg.name, cfg, overwrite=overwrite)
-    run.write_env(cfg.feature_seed, "cpu")
+    run.write_env(cfg.base.seed, cfg.base.device)
     t0 = time.perf_counter()
     try:
-        fs = None
-        rows, score_rows = [], []
+        fs = features(cfg.base, progress=progress)
+        rows: List[Dict[str, Any]] = []
+        score_rows: List[Dict[str, Any]] = []
         from tqdm.auto import tqdm
 
         bar = tqdm(total=len(cfg.lams) * len(cfg.seeds), desc="sanity (lambda, seed)",
                    disable=not progress or bool(os.environ.get("CI")))
         for lam in cfg.lams:
-            pr, fs, splits = load_problem(cfg, lam, fs)
+            pr, splits = attribution_problem(cfg.base, fs, lam=lam, grad_tol=cfg.loo_tol)
             for seed in cfg.seeds:
                 r, s = _one(cfg, pr, fs, splits, lam, seed, progress)
                 rows += r
@@ -269,28 +256,23 @@ def run_sanity(cfg: SanityConfig, overwrite: bool = False, progress: bool = Fals
     out = {"load_average": list(os.getloadavg()), "n_train": int(fs.X_train.shape[0]),
            "feature_dim": int(fs.X_train.shape[1]), "lams": list(cfg.lams),
            "seeds": list(cfg.seeds), "methods": _method_names(cfg), "seconds": time.perf_counter() - t0,
-           "feature_cache_hit": fs.meta["cache_hit"], "noise": cfg.data.noise, "noise_rate": cfg.data.noise_rate}
+           "feature_cache_hit": fs.meta["cache_hit"], "noise": cfg.base.data.noise,
+           "noise_rate": cfg.base.data.noise_rate}
     run.finish(out)
     return {**out, "table": table, "run_dir": str(run.path)}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.sanity", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--config", default=None, help="YAML file with SanityConfig fields")
-    p.add_argument("--quick", action="store_true", help="smoke run: " + " ".join(QUICK))
-    p.add_argument("--overwrite", action="store_true", help="reuse a run directory made by another config")
-    p.add_argument("--progress", action="store_true", help="progress bars")
-    p.add_argument("-v", "--verbose", action="store_true", help="log every method")
-    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. lams=[0.1] subset_size=300")
-    args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
-    cfg = load_config(args.config, (QUICK if args.quick else []) + list(args.overrides), cls=SanityConfig)
-    res = run_sanity(cfg, overwrite=args.overwrite, progress=args.progress)
-    print(res["table"])
-    print(f"run directory: {res['run_dir']} ({res['seconds']:.1f}s)")
-    return 0
+def _run(cfg: SanityConfig, ctx: Context) -> Dict[str, Any]:
+    return run_sanity(cfg, overwrite=ctx.overwrite, progress=ctx.progress)
 
+
+def _report(res: Dict[str, Any]) -> str:
+    return f"{res['table']}\nrun directory: {res['run_dir']} ({res['seconds']:.1f}s)"
+
+
+STUDY = Study(name="sanity", summary="every attribution estimator against exact leave-one-out",
+              config=SanityConfig, run=_run, report=_report, quick=QUICK, threads_key="base.threads",
+              description=__doc__ or "")
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    shim("sanity")

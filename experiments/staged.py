@@ -11,36 +11,40 @@ MNIST-5k with 40% symmetric label noise, timm ``test_resnet`` (random init; no n
 (d) ``d_full``        full fine-tuning with uniform weights.
 
 Every strategy is one :class:`reweight.config.RunConfig` (one schema): (a) has no ``stages`` and runs
-the main job, the others list their stages and run :func:`reweight.staging.run_staged`; dotted
-overrides apply to every strategy alike. Staged strategies share the epoch budget (8) and the rule
+the main job (:func:`reweight.pipeline.run_main`), the others list their stages and run
+:func:`reweight.staging.run_staged`. ``base`` is a partial RunConfig laid over every strategy's YAML
+alike (``base.data.noise_rate=0.2``). Staged strategies share the epoch budget (8) and the rule
 "restore the best clean-validation epoch at the end of each stage". Writes one run directory per
-strategy and seed under ``--out`` (metrics.jsonl per epoch, checkpoints per stage, summary.json,
+strategy and seed under ``out`` (metrics.jsonl per epoch, checkpoints per stage, summary.json,
 DONE), ``results.csv`` (one row per run), ``results.md`` (mean and std over seeds) and the figure
-``staged_curves.{pdf,png}``.
+``staged_curves.{pdf,png}`` (``carrot figure staged_curves``). The feature cache is
+``<out>/.feature_cache`` unless ``base.features.cache_dir`` is set.
 
 Usage::
 
-    .venv/bin/python -m experiments.staged                 # the study, seed 0 (about 12 CPU-minutes)
-    .venv/bin/python -m experiments.staged --seeds 0 1 2   # three seeds (about 3x as long)
-    .venv/bin/python -m experiments.staged --quick         # digits, 1 epoch per stage, seed 0 (~1 min)
-    .venv/bin/python -m experiments.staged --seeds 0 data.noise_rate=0.2
+    carrot staged                                  # the study, seed 0 (about 12 CPU-minutes)
+    carrot staged seeds=[0,1,2]                    # three seeds (about 3x as long)
+    carrot staged --quick                          # digits, 1 epoch per stage, seed 0 (~1 min)
+    carrot staged seeds=[0] base.data.noise_rate=0.2
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import logging
-import os
-import sys
 import time
+from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, ClassVar, Dict, List
 
 from reweight.config import RunConfig, from_dict, load_config, to_dict
-from reweight.errors import CarrotError
+from reweight.config import help_field as _f
+from reweight.errors import ConfigError
 from reweight.staging import run_staged
 
-__all__ = ["STRATEGIES", "main", "run_study"]
+from .study import Context, Study, shim
+
+__all__ = ["STRATEGIES", "STUDY", "StagedConfig", "run_study"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +64,34 @@ LABELS = {
     "d_full": "(d) full fine-tuning, uniform",
 }
 
+#: RunConfig keys the study used to take at top level (``data.noise_rate=0.2``), now under ``base``
+_RUN_KEYS = [f.name for f in fields(RunConfig) if f.name not in ("name", "out_dir", "seed", "stages")] + \
+    [k for k in RunConfig.LEGACY_KEYS if "." not in k]
+
+
+@dataclass(frozen=True)
+class StagedConfig:
+    """The staged-training study: which strategies and seeds, and what every strategy shares."""
+
+    out: str = _f("runs/staged", "output folder: one run directory per strategy and seed, and the tables")
+    seeds: List[int] = _f([0], "root seeds (one run of every strategy per seed)")
+    strategies: List[str] = _f(list(STRATEGIES), f"strategies to run, from {', '.join(STRATEGIES)}")
+    quick: bool = _f(False, "smoke run: digits, 1 epoch per stage, 10 outer steps (head-only: 2 warm-up epochs)")
+    base: Dict[str, Any] = _f({}, "a partial RunConfig laid over every strategy's YAML, e.g. base.data.noise_rate=0.2")
+
+    LEGACY_KEYS: ClassVar[Dict[str, str]] = {k: f"base.{k}" for k in _RUN_KEYS}
+
+    def __post_init__(self) -> None:
+        bad = [s for s in self.strategies if s not in STRATEGIES]
+        if bad or not self.strategies:
+            raise ConfigError(f"The 'strategies' parameter must be a non-empty list of names from "
+                              f"{', '.join(STRATEGIES)}. Got {list(self.strategies)!r} instead.")
+        if not self.seeds:
+            raise ConfigError("The 'seeds' parameter must hold at least one seed. Got [] instead.")
+        for k in ("name", "out_dir", "seed"):
+            if k in self.base:
+                raise ConfigError(f"The 'base.{k}' parameter is set by the study (out, seeds). Remove it.")
+
 
 def _quick(d: Dict[str, Any]) -> Dict[str, Any]:
     d = dict(d)
@@ -72,26 +104,37 @@ def _quick(d: Dict[str, Any]) -> Dict[str, Any]:
     return d
 
 
-def _load(strategy: str, seed: int, out: Path, quick: bool, overrides: Sequence[str]) -> RunConfig:
-    """The strategy's RunConfig: its YAML, then the overrides (the same for every strategy), then --quick."""
-    d = to_dict(load_config(CONFIGS / STRATEGIES[strategy], list(overrides) + [f"seed={seed}"]))
-    if quick:
+def _flatten(d: Dict[str, Any], prefix: str = "") -> List[str]:
+    """``{"data": {"noise_rate": 0.2}}`` -> ``["data.noise_rate=0.2"]`` (values as JSON, which YAML reads back)."""
+    out: List[str] = []
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out += _flatten(v, f"{prefix}{k}.")
+        else:
+            out.append(f"{prefix}{k}={json.dumps(v)}")
+    return out
+
+
+def _load(strategy: str, seed: int, cfg: StagedConfig) -> RunConfig:
+    """The strategy's RunConfig: its YAML, then ``cfg.base`` (the same for every strategy), then ``quick``."""
+    d = to_dict(load_config(CONFIGS / STRATEGIES[strategy], _flatten(cfg.base) + [f"seed={seed}"]))
+    if cfg.quick:
         d = _quick(d)
     d["name"] = f"{strategy}_s{seed}"
-    d["out_dir"] = str(out)
-    d["features"] = dict(d.get("features", {}), cache_dir=str(out / ".feature_cache"))
+    d["out_dir"] = cfg.out
+    if "cache_dir" not in cfg.base.get("features", {}):
+        d["features"] = dict(d.get("features", {}), cache_dir=str(Path(cfg.out) / ".feature_cache"))
     return from_dict(RunConfig, d)
 
 
 def _head_only(cfg: RunConfig, overwrite: bool, progress: bool) -> Dict[str, Any]:
-    from experiments.main_job import run_main
-    from reweight.features import build_features
+    from reweight.pipeline import features, run_main
 
     t0, c0 = time.perf_counter(), time.process_time()
     done_before = (Path(cfg.out_dir) / cfg.name / "DONE").is_file()
     s = run_main(cfg, overwrite=overwrite, progress=progress)
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-    fs = build_features(cfg.data, cfg.backbone, cfg.features, cfg.seed)  # cache hit: warm-up time and width
+    fs = features(cfg)  # cache hit: warm-up time and width
     d = fs.meta["feature_dim"] + (1 if cfg.head.bias else 0)
     from reweight.backbones import create_backbone
     from reweight.data import load_dataset
@@ -126,7 +169,8 @@ def _markdown(df) -> str:
     import numpy as np
 
     g = df.groupby("strategy", sort=False)
-    lines = ["| strategy | test acc | val acc* | AUROC of weights | time (s) | CPU time (s) | epochs | trainable params (final / max) | seeds |",
+    lines = ["| strategy | test acc | val acc* | AUROC of weights | time (s) | CPU time (s) | epochs "
+             "| trainable params (final / max) | seeds |",
              "|---|---|---|---|---|---|---|---|---|"]
 
     def ms(x, fmt="{:.4f}"):
@@ -148,20 +192,19 @@ def _markdown(df) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_study(out: Path, seeds: Sequence[int], strategies: Sequence[str], quick: bool = False,
-              overrides: Sequence[str] = (), overwrite: bool = False, progress: bool = False) -> "Any":
+def run_study(cfg: StagedConfig, overwrite: bool = False, progress: bool = False) -> Any:
     """Run every strategy for every seed; write results.csv, results.md and the figure. Returns the table."""
     import pandas as pd
 
     from reweight.runs import atomic_write_text
 
-    out = Path(out)
-    cfgs = {(st, sd): _load(st, sd, out, quick, overrides) for st in strategies for sd in seeds}  # validate first
+    out = Path(cfg.out)
+    cfgs = {(st, sd): _load(st, sd, cfg) for st in cfg.strategies for sd in cfg.seeds}  # validate first
     rows: List[Dict[str, Any]] = []
-    for (st, sd), cfg in cfgs.items():
+    for (st, sd), rc in cfgs.items():
         log.info("strategy %s seed %d", st, sd)
-        res = _staged(cfg, overwrite, progress) if cfg.stages else _head_only(cfg, overwrite, progress)
-        rows.append({"strategy": st, "seed": sd, "run_dir": str(out / cfg.name), **res})
+        res = _staged(rc, overwrite, progress) if rc.stages else _head_only(rc, overwrite, progress)
+        rows.append({"strategy": st, "seed": sd, "run_dir": str(out / rc.name), **res})
         print(f"{st:14s} seed {sd}: test acc {res['test_acc']:.4f}  auroc "
               f"{'--' if res['weights_auroc'] is None else format(res['weights_auroc'], '.3f')}  "
               f"{res['seconds']:.1f}s", flush=True)
@@ -170,45 +213,38 @@ def run_study(out: Path, seeds: Sequence[int], strategies: Sequence[str], quick:
     csv = df.drop(columns=timing).to_csv(index=False, float_format="%.6g")
     atomic_write_text(out / "results.csv", csv)  # no timings: byte-identical on rerun
     atomic_write_text(out / "results_timing.csv", df[["strategy", "seed"] + timing].to_csv(index=False, float_format="%.1f"))
-    md = _markdown(df)
-    atomic_write_text(out / "results.md", md)
-    print(md)
-    try:
-        from paper_figs.staged_curves import plot_staged_curves
-
-        paths = plot_staged_curves(out, out / "staged_curves")
-        print("figure:", ", ".join(str(p) for p in paths))
-    except ImportError as e:  # matplotlib missing
-        log.warning("No figure: %s", e)
+    atomic_write_text(out / "results.md", _markdown(df))
     return df
 
 
-def main(argv: Optional[List[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m experiments.staged", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="digits, 1 epoch per stage, 10 outer steps, seed 0 only")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="seeds (default: 0)")
-    p.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
-    p.add_argument("--out", default=None, help="output directory (default runs/staged, --quick: runs/staged_quick)")
-    p.add_argument("--overwrite", action="store_true", help="reuse run directories made by another config")
-    p.add_argument("--progress", action="store_true", help="progress bars")
-    p.add_argument("-v", "--verbose", action="count", default=0)
-    p.add_argument("overrides", nargs="*", help="dotted overrides for every config, e.g. data.noise_rate=0.2")
-    a = p.parse_args(argv)
-    logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(a.verbose, 2)],
-                        format="%(levelname)s %(name)s: %(message)s")
-    seeds = a.seeds
-    out = Path(a.out or ("runs/staged_quick" if a.quick else "runs/staged"))
+def _run(cfg: StagedConfig, ctx: Context) -> Dict[str, Any]:
     t0 = time.perf_counter()
+    run_study(cfg, overwrite=ctx.overwrite, progress=ctx.progress)
+    out = Path(cfg.out)
+    figure: List[str] = []
     try:
-        run_study(out, seeds, a.strategies, quick=a.quick, overrides=a.overrides, overwrite=a.overwrite,
-                  progress=a.progress and not os.environ.get("CI"))
-    except CarrotError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    print(f"total {time.perf_counter() - t0:.0f}s; results in {out}")
-    return 0
+        from paper_figs import draw_figure
 
+        figure = [str(p) for p in draw_figure("staged_curves", [out], out / "staged_curves")]
+    except ImportError as e:  # matplotlib missing
+        log.warning("No figure: %s", e)
+    return {"out": str(out), "figure": figure, "seconds": time.perf_counter() - t0}
+
+
+def _report(res: Dict[str, Any]) -> str:
+    out = Path(res["out"])
+    lines = [(out / "results.md").read_text()]
+    if res["figure"]:
+        lines.append("figure: " + ", ".join(res["figure"]))
+    lines.append(f"total {res['seconds']:.0f}s; results in {out}")
+    return "\n".join(lines)
+
+
+STUDY = Study(name="staged", summary="head-only vs warm-up > freeze > focus vs gradual unfreezing vs full fine-tuning",
+              config=StagedConfig, run=_run, report=_report, quick=("quick=true", "out=runs/staged_quick"),
+              threads_key="base.threads",
+              legacy_flags={"--seeds": "seeds[]", "--strategies": "strategies[]", "--out": "out"},
+              description=__doc__ or "")
 
 if __name__ == "__main__":
-    sys.exit(main())
+    shim("staged")

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["STUDIES", "Context", "Study", "legacy_flags_to_overrides", "load_study", "shim"]
+__all__ = ["Context", "STUDIES", "Study", "legacy_flags_to_overrides", "load_study", "shim"]
 
 #: study name -> module defining ``STUDY`` (imported on use).
 STUDIES: Dict[str, str] = {
@@ -63,8 +63,9 @@ class Study:
         name: the command (``carrot <name>``).
         summary: one line for ``carrot --help``.
         config: the config dataclass (fields with defaults and help texts).
-        run: ``run(cfg, ctx) -> result``.
-        report: ``report(result) -> str`` printed when the study ends.
+        run: ``run(cfg, ctx) -> result``; a dict result may carry ``exit_code`` (the command's exit
+            status, 0 when absent) for a study whose work partly failed.
+        report: ``report(result) -> str`` printed when the study ends (nothing when empty).
         quick: dotted overrides applied by ``--quick`` (before the user's, so the user's win).
         default_config: YAML file loaded when ``--config`` is not given (``None`` = the dataclass defaults).
         threads_key: dotted config key that ``--threads N`` sets (``None``: only ``torch.set_num_threads``).

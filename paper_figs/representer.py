@@ -1,10 +1,10 @@
 """Figure: test queries with their supporting and inhibiting training images (representer points).
 
 Takes one finished sanity run directory and rebuilds what it needs from the library alone: the
-run's ``config.yaml`` gives the data, backbone and feature settings and ``feature_seed``, so
-:func:`reweight.features.build_features` returns the same features (from the feature cache when it
-is still there, else recomputed), and :class:`reweight.attribution.AttributionProblem` fits the L2
-head at the run's middle ``lam``. Each query row (two test rows, at 15 % and 62 % of the
+run's ``config.yaml`` gives its ``base`` RunConfig (data, backbone, features, seed), so
+:func:`reweight.pipeline.features` returns the same features (from the feature cache when it is
+still there, else recomputed), and :func:`reweight.pipeline.attribution_problem` fits the L2 head
+at the run's middle ``lam``. Each query row (two test rows, at 15 % and 62 % of the
 class-sorted test split) is explained with :func:`reweight.attribution.explain`: the ``k``
 training samples with the largest representer contributions :math:`r_{i,c}\\,k(i,x)` (support) and
 the ``k`` most negative (inhibit), shown as images with their observed training label (magenta
@@ -29,27 +29,25 @@ QUERY_FRACTIONS = (0.15, 0.62)
 def load_sanity_problem(config: Dict[str, Any], lam: float) -> Tuple[Any, Any, Any, Any]:
     """``(problem, features, dataset, splits)`` of a sanity run's ``config`` at ``lam``, from the library only.
 
-    The head is fitted in float64 on bias-augmented features, as the sanity study does.
+    The features and the float64 head on bias-augmented features come from :mod:`reweight.pipeline`, as
+    in the sanity study. ``config`` is the run's ``config.yaml``: its ``base`` RunConfig, or (runs made
+    before the studies were unified) top-level ``data``/``backbone``/``features``/``feature_seed``.
     """
-    import torch
-
-    from reweight.attribution import AttributionProblem
-    from reweight.config import BackboneConfig, DataConfig, FeatureConfig, from_dict
+    from reweight.config import RunConfig, from_dict
     from reweight.data import load_dataset, prepare_data
-    from reweight.features import build_features
-    from reweight.head import add_bias
+    from reweight.pipeline import attribution_problem, features
 
-    data = from_dict(DataConfig, config.get("data"), "data")
-    backbone = from_dict(BackboneConfig, config.get("backbone"), "backbone")
-    feats = from_dict(FeatureConfig, config.get("features"), "features")
-    seed = int(config.get("feature_seed", 0))
-    fs = build_features(data, backbone, feats, seed)
-    X = add_bias(fs.X_train.to(torch.float64))
-    # positional: the solve tolerance (keyword ``tol``, renamed ``grad_tol`` in the next release)
-    pr = AttributionProblem.from_data(X, fs.y_train, fs.num_classes, lam, None, float(config.get("loo_tol", 1e-10)))
+    if "base" in config:
+        rc = from_dict(RunConfig, config["base"], "base")
+    else:
+        rc = from_dict(RunConfig, {**{k: config[k] for k in ("data", "backbone", "features") if k in config},
+                                   "seed": int(config.get("feature_seed", 0))})
+    fs = features(rc)
+    pr, _ = attribution_problem(rc, fs, lam=lam, grad_tol=float(config.get("loo_tol", 1e-10)))
+    data = rc.data
     ds = load_dataset(data.dataset)
     split = prepare_data(ds, data.val_fraction, data.test_fraction, data.noise, data.noise_rate,
-                         data.imbalance_factor, seed)
+                         data.imbalance_factor, rc.seed)
     return pr, fs, ds, split
 
 

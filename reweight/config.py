@@ -513,8 +513,49 @@ def from_dict(cls: Type[C], data: Mapping[str, Any] | None, _prefix: str = "") -
             f"Unknown config key {'.'.join(filter(None, [_prefix, unknown[0]]))!r}. "
             f"Valid keys{where}: {', '.join(names)}."
         )
-    kwargs = {k: _coerce(hints[k], v, ".".join(filter(None, [_prefix, k]))) for k, v in data.items()}
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {k: _coerce(hints[k], _over_field_default(fields[k], hints[k], v), ".".join(filter(None, [_prefix, k])))
+              for k, v in data.items()}
     return cls(**kwargs)
+
+
+def _dict_diff(a: Mapping[str, Any], b: Mapping[str, Any]) -> Dict[str, Any]:
+    """The entries of nested dict ``a`` that differ from ``b`` (sparse, nested)."""
+    out: Dict[str, Any] = {}
+    for k, v in a.items():
+        if isinstance(v, Mapping) and isinstance(b.get(k), Mapping):
+            d = _dict_diff(v, b[k])
+            if d:
+                out[k] = d
+        elif k not in b or b[k] != v:
+            out[k] = v
+    return out
+
+
+def _deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
+    return out
+
+
+def _over_field_default(f: dataclasses.Field, tp: Any, value: Any) -> Any:
+    """A section given as a mapping is laid over its field's default, not over the section class's defaults.
+
+    A study config may declare ``base: RunConfig = field(default_factory=lambda: RunConfig(threads=1))``;
+    an override ``base.data.dataset=digits`` must keep ``threads=1``. Only what the factory changes from
+    ``tp()`` is kept under ``value`` (so an old key in ``value`` does not meet its new spelling).
+    """
+    if not (dataclasses.is_dataclass(tp) and isinstance(value, Mapping) and f.default_factory is not dataclasses.MISSING):
+        return value
+    try:
+        made, plain = f.default_factory(), tp()  # type: ignore[misc, operator]
+    except TypeError:  # a section class without defaults: nothing to lay over
+        return value
+    if not isinstance(made, tp):
+        return value
+    changed = _dict_diff(to_dict(made), to_dict(plain))
+    return _deep_merge(changed, value) if changed else value
 
 
 def to_dict(cfg: Any) -> Dict[str, Any]:

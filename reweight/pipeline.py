@@ -10,6 +10,7 @@ or weighting knob lands in one place:
   named evaluation sets;
 * :func:`attribution_problem` -- the trained head of an attribution study (float64, fitted to a tight
   gradient norm) with its validation and test splits;
+* :func:`draw_subset` -- a seeded subset of rows (LOO subsets, test queries) from a named seed stream;
 * :func:`learn_weights` -- the outer loop with the config's hypergradient method;
 * :func:`run_main` -- the main job's body (uniform vs learned weights, a run directory, a summary);
   it prints nothing.
@@ -36,6 +37,8 @@ from .features import FeatureSet, build_features
 from .head import HeadObjective, accuracy, add_bias, mean_ce, solve_head
 from .hypergrad import BilevelProblem, HypergradMethod, make_method
 from .runs import RunDir, save_checked
+from .seeding import numpy_rng
+from .validate import check_int
 from .weights import WeightModel, class_report
 
 __all__ = [
@@ -43,6 +46,7 @@ __all__ = [
     "HeadSetup",
     "attribution_problem",
     "bilevel_problem",
+    "draw_subset",
     "evaluate_head",
     "features",
     "head_problem",
@@ -191,6 +195,31 @@ def attribution_problem(cfg: RunConfig, fs: FeatureSet, lam: Optional[float] = N
     pr = AttributionProblem.from_data(X, fs.y_train.to(X.device), fs.num_classes, cfg.head.lam if lam is None else lam,
                                       alpha=alpha, grad_tol=grad_tol)
     return pr, splits
+
+
+def draw_subset(n: int, k: int, seed: int, stream: str) -> torch.Tensor:
+    """``min(k, n)`` distinct row indices of ``range(n)``, sorted, drawn from the seed stream ``stream`` of ``seed``.
+
+    The same ``(n, k, seed, stream)`` always gives the same indices, and a new stream name never shifts
+    the draws of another (:func:`reweight.seeding.numpy_rng`). Studies name their streams, e.g.
+    ``sanity_subset`` (the rows with exact leave-one-out ground truth) and ``sanity_queries`` (test queries).
+
+    Returns:
+        ``(min(k, n),)`` int64 indices in increasing order.
+
+    Raises:
+        ConfigError: for ``n < 1`` or ``k < 1``.
+
+    Example:
+        >>> draw_subset(10, 3, seed=0, stream="doc").tolist() == draw_subset(10, 3, seed=0, stream="doc").tolist()
+        True
+    """
+    import numpy as np
+
+    n = int(check_int(n, "n", "draw_subset", minimum=1))  # type: ignore[arg-type]
+    k = int(check_int(k, "k", "draw_subset", minimum=1))  # type: ignore[arg-type]
+    idx = numpy_rng(seed, stream).choice(n, size=min(k, n), replace=False)
+    return torch.from_numpy(np.sort(idx))
 
 
 def evaluate_head(W: torch.Tensor, evals: Evals) -> Dict[str, float]:

@@ -308,7 +308,7 @@ def _sanity_rows():
         rows.append({"target": "val", "lam": 0.1, "seed": seed, "method": "exact_loo", "seconds": 8.0})
         for m, sp in (("influence_cg", sp_a), ("tracin", sp_b)):
             rows.append({"target": "val", "lam": 0.1, "seed": seed, "method": m, "spearman": sp, "kendall": sp - 0.1,
-                         "pearson": sp, "top10": 0.5, "lds": 0.3 + seed * 0.1, "seconds": 0.5})
+                         "pearson": sp, "top_overlap": 0.5, "lds": 0.3 + seed * 0.1, "seconds": 0.5})
     return pd.DataFrame(rows)
 
 
@@ -327,6 +327,9 @@ def test_rank_correlation_table(tmp_path):
     assert r"$\lambda$" in tex and r"Spearman\\$\rho$" in tex  # math headers
     with pytest.raises(ConfigError, match=r"rank_correlation_table must have columns \['lds'\]"):
         rank_correlation_table(_sanity_rows().drop(columns=["lds"]))
+    # per_seed.csv of runs made before the column was renamed (top10 -> top_overlap) still reads
+    old = rank_correlation_table(_sanity_rows().rename(columns={"top_overlap": "top10"}))
+    assert old.data.equals(t.data)
 
 
 def _grid_summary(method, seed, acc, setting="sym40", noise="symmetric", rate=0.4, imb=1.0):
@@ -508,8 +511,8 @@ def test_display_orders_come_from_the_method_registries(monkeypatch):
 
 
 def _per_seed_run(root: Path, name: str, noise_rate: float = 0.4) -> Path:
-    run = make_run(root / name, {"name": name, "seeds": [0, 1], "lams": [0.1], "data": {"noise_rate": noise_rate}},
-                   {"lams": [0.1]})
+    run = make_run(root / name, {"name": name, "seeds": [0, 1], "lams": [0.1],
+                                 "base": {"seed": 0, "data": {"noise_rate": noise_rate}}}, {"lams": [0.1]})
     _sanity_rows().to_csv(run / "per_seed.csv", index=False)
     return run
 
@@ -626,8 +629,8 @@ def test_tables_keep_runs_of_different_configs_apart_and_say_so(tmp_path, every_
     _per_seed_run(tmp_path / "sanity2", "a", 0.4)
     _per_seed_run(tmp_path / "sanity2", "b", 0.2)
     t = build_table("rank_correlations", [tmp_path / "sanity2"])
-    assert t.keys[0] == "cfg.data.noise_rate" and set(t.data["n_runs"]) == {2}  # 2 seeds each, not 4
-    assert any("grouped by data.noise_rate" in n for n in t.notes)
+    assert t.keys[0] == "cfg.base.data.noise_rate" and set(t.data["n_runs"]) == {2}  # 2 seeds each, not 4
+    assert any("grouped by base.data.noise_rate" in n for n in t.notes)
     # hypergradient accuracy: runs of a different warm-up are kept apart
     _hg_run(tmp_path / "hg2", "x", 0, warm_steps=5)
     _hg_run(tmp_path / "hg2", "y", 1, warm_steps=9)

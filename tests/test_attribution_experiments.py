@@ -33,10 +33,11 @@ def _features(n=150, d=4, K=3, seed=0) -> FeatureSet:
 
 @pytest.fixture()
 def fake_features(monkeypatch):
-    import experiments.sanity as S
+    """Every study builds its features through reweight.pipeline.features: serve the tiny synthetic set."""
+    import reweight.pipeline as P
 
     fs = _features()
-    monkeypatch.setattr(S, "build_features", lambda *a, **k: fs)
+    monkeypatch.setattr(P, "build_features", lambda *a, **k: fs)
     return fs
 
 
@@ -46,7 +47,7 @@ TINY = ["lams=[0.1]", "seeds=[0,1]", "subset_size=20", "n_queries=3", "lds_subse
 
 def test_sanity_end_to_end_is_reproducible(fake_features, tmp_path):
     from experiments.sanity import SanityConfig, run_sanity
-    from paper_figs.loo_scatter import plot_loo_scatter
+    from paper_figs import draw_figure
 
     outs = []
     for name in ("a", "b"):
@@ -62,22 +63,39 @@ def test_sanity_end_to_end_is_reproducible(fake_features, tmp_path):
     df = pd.read_csv(outs[0] / "per_seed.csv")
     ex = df[(df["method"] == "influence_exact") & (df["target"] == "val")]
     assert len(ex) == 2 and float(ex["spearman"].min()) > 0.9
-    paths = plot_loo_scatter(outs[0], out=tmp_path / "fig" / "scatter")
+    paths = draw_figure("loo_scatter", [outs[0]], tmp_path / "fig" / "scatter")
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths)
+
+
+def test_sanity_through_the_command_line(fake_features, tmp_path, capsys):
+    """``carrot sanity`` and the old ``python -m experiments.sanity`` spelling (old keys read at their new place)."""
+    from experiments.cli import main
+    from experiments.sanity import SanityConfig
+
+    assert main(["sanity", "--quiet", *TINY, "seeds=[0]", f"out_dir={tmp_path}", "name=cli"]) == 0
+    out = capsys.readouterr().out
+    assert "influence_exact" in out and str(tmp_path / "sanity" / "cli") in out
+    with pytest.warns(DeprecationWarning) as seen:
+        cfg = load_config(None, ["feature_seed=3", "data.dataset=digits", "threads=1"], cls=SanityConfig)
+    text = " ".join(str(w.message) for w in seen)
+    assert "feature_seed -> base.seed" in text and "threads -> base.threads" in text and "data -> base.data" in text
+    assert cfg.base.seed == 3 and cfg.base.data.dataset == "digits" and cfg.base.threads == 1
 
 
 def test_faithfulness_and_bench_end_to_end(fake_features, tmp_path):
     from experiments.bench_loo import BenchConfig, run_bench
     from experiments.faithfulness import FaithfulnessConfig, run_faithfulness
-    from paper_figs.faithfulness import plot_faithfulness
+    from paper_figs import draw_figure
 
     cfg = load_config(None, [f"out_dir={tmp_path}", "n_queries=2", "ks=[1,5]", "n_random=1",
                              "methods=[influence_exact, representer]"], cls=FaithfulnessConfig)
     res = run_faithfulness(cfg)
     run = tmp_path / "faithfulness" / "main"
     assert (run / "DONE").is_file() and "representer" in res["table"]
-    assert all(p.is_file() for p in plot_faithfulness(run, out=tmp_path / "fig" / "faith"))
-    b = run_bench(BenchConfig(m=5, methods=["influence_exact", "representer"]), tmp_path / "bench")
+    assert all(p.is_file() for p in draw_figure("faithfulness", [run], tmp_path / "fig" / "faith"))
+    bcfg = load_config(None, ["m=5", "methods=[influence_exact, representer]", f"out={tmp_path / 'bench'}"],
+                       cls=BenchConfig)
+    b = run_bench(bcfg)
     saved = json.loads((tmp_path / "bench" / "bench.json").read_text())
     assert saved["loo"]["newton_step"]["max_abs_diff_delta_val_vs_scratch"] < 1e-6
     assert saved["loo"]["none"]["all_converged"] and b["estimators"]["representer"]["n_scored"] == 150
@@ -95,11 +113,14 @@ def test_sanity_config_errors(override, match):
 
 
 def test_correlations_and_top_overlap():
-    from experiments.sanity import correlations
+    """The study's correlations are analysis.tables.rank_correlations (top 10%), NaN for non-finite scores."""
+    from experiments.sanity import CORRELATIONS, correlations
 
     x = np.arange(20.0)
     r = correlations(x, x ** 3)
-    assert r["spearman"] == pytest.approx(1.0) and r["kendall"] == pytest.approx(1.0) and r["top10"] == 1.0
+    assert set(r) == set(CORRELATIONS)
+    assert r["spearman"] == pytest.approx(1.0) and r["kendall"] == pytest.approx(1.0) and r["top_overlap"] == 1.0
     r = correlations(-x, x)
-    assert r["spearman"] == pytest.approx(-1.0) and r["top10"] == 0.0
+    assert r["spearman"] == pytest.approx(-1.0) and r["top_overlap"] == 0.0
     assert np.isnan(correlations(np.ones(5), x[:5])["spearman"])
+    assert all(np.isnan(v) for v in correlations(np.array([1.0, np.nan, 2.0]), x[:3]).values())

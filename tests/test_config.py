@@ -147,3 +147,22 @@ def test_renamed_head_tol_loads_as_grad_tol_with_a_deprecation_message():
     assert cfg.head.grad_tol == 1e-7
     with pytest.raises(ConfigError, match="sets both the old key 'head.tol' and 'head.grad_tol'"):
         load_config(None, ["head.tol=1e-7", "head.grad_tol=1e-6"])
+
+
+def test_a_section_override_lays_over_the_fields_own_default():
+    """A study's ``base: RunConfig`` default (threads=1, float64 head) survives an override of another key."""
+    from dataclasses import dataclass, field
+
+    from reweight.config import HeadConfig
+
+    @dataclass(frozen=True)
+    class Study:
+        base: RunConfig = field(default_factory=lambda: RunConfig(threads=1, head=HeadConfig(dtype="float64")))
+
+    cfg = load_config(None, ["base.data.dataset=digits", "base.head.lam=0.3"], cls=Study)
+    assert (cfg.base.threads, cfg.base.head.dtype, cfg.base.head.lam, cfg.base.data.dataset) == (1, "float64", 0.3, "digits")
+    assert load_config(None, ["base.threads=2", "base.head.dtype=float32"], cls=Study).base.head.dtype == "float32"
+    assert load_config(None, [], cls=Study).base == Study().base
+    # a plain section (default_factory=HeadConfig) still starts from the class defaults, old keys included
+    with pytest.warns(DeprecationWarning, match=r"head\.tol -> head\.grad_tol"):
+        assert load_config(None, ["head.tol=1e-3"]).head.grad_tol == 1e-3

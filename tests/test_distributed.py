@@ -21,7 +21,7 @@ from reweight.runs import load_checked
 from reweight.weights import WeightModel
 
 ROOT = Path(__file__).resolve().parent.parent
-ARGS = ["n=1500", "m=200", "d=8", "K=4", "lam=0.02", "dtype=float64", "chunk_rows=300", "tol=1e-12", "inner_tol=1e-11"]
+ARGS = ["n=1500", "m=200", "d=8", "K=4", "lam=0.02", "dtype=float64", "chunk_rows=300", "rtol=1e-12", "grad_tol=1e-11"]
 
 
 def _torchrun(tmp_path, extra, name):
@@ -64,6 +64,14 @@ def test_torchrun_mismatched_configs_fail_clearly(tmp_path):
 
 
 # ---- in-process checks (world size 1, no process group) ------------------------------------
+
+
+def test_old_tolerance_keys_are_read_at_their_new_place():
+    from reweight.config import load_config
+
+    with pytest.warns(DeprecationWarning, match=r"tol -> rtol, inner_tol -> grad_tol"):
+        cfg = load_config(None, ["tol=1e-12", "inner_tol=1e-11"], cls=DistConfig)
+    assert (cfg.rtol, cfg.grad_tol) == (1e-12, 1e-11)
 
 
 def _small(seed=0, n=97, d=3, K=3):

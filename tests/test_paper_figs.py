@@ -70,11 +70,11 @@ def make_staged_study(root: Path, seeds=(0, 1), lr=0.01) -> Path:
 
 
 def sanity_config(name="main", **kw) -> dict:
-    from reweight.config import BackboneConfig, DataConfig, FeatureConfig, to_dict
+    """The config.yaml of a sanity run (experiments.sanity.SanityConfig: the features' settings under ``base``)."""
+    from reweight.config import DataConfig, RunConfig, to_dict
 
-    return {"name": name, "out_dir": "runs", "feature_seed": 0, "seeds": [0], "lams": [0.1], "subset_size": 20,
-            "n_queries": 3, "loo_tol": 1e-10, "data": to_dict(DataConfig(dataset="digits")),
-            "backbone": to_dict(BackboneConfig()), "features": to_dict(FeatureConfig()), **kw}
+    return {"name": name, "out_dir": "runs", "base": to_dict(RunConfig(data=DataConfig(dataset="digits"))),
+            "seeds": [0], "lams": [0.1], "subset_size": 20, "n_queries": 3, "loo_tol": 1e-10, **kw}
 
 
 def make_sanity_run(root: Path, name="main") -> Path:
@@ -108,8 +108,9 @@ def make_faithfulness_run(root: Path) -> Path:
 
 @pytest.fixture
 def digits_features(monkeypatch):
-    """The representer figure rebuilds features with reweight.features.build_features: serve raw pixels instead."""
+    """The representer figure rebuilds features with reweight.pipeline.features: serve raw pixels instead."""
     import reweight.features
+    import reweight.pipeline
     from reweight.data import load_dataset, prepare_data
     from reweight.features import FeatureSet
 
@@ -129,6 +130,7 @@ def digits_features(monkeypatch):
                           train_index=torch.from_numpy(sp.train), meta={"cache_hit": True})
 
     monkeypatch.setattr(reweight.features, "build_features", fake)
+    monkeypatch.setattr(reweight.pipeline, "build_features", fake)
     return calls
 
 
@@ -358,15 +360,22 @@ def test_figures_fail_clearly_without_runs(tmp_path):
 
 
 def test_representer_rebuilds_its_problem_from_the_run_config_only(tmp_path, digits_features):
-    """No experiment import: the features come from reweight.features.build_features with the run's config."""
+    """No experiment import: the features come from reweight.pipeline.features with the run's config."""
     import subprocess
     import sys
 
     from paper_figs import draw_figure
+    from paper_figs.representer import load_sanity_problem
+    from reweight.config import BackboneConfig, DataConfig, FeatureConfig, to_dict
 
     run = make_sanity_run(tmp_path / "sanity")
     paths = draw_figure("representer", [run], tmp_path / "rep")
     assert digits_features == [("digits", 0)] and all(p.is_file() for p in paths)
+    # a sanity run made before the studies were unified (features' settings at top level) gives the same head
+    old = {"feature_seed": 0, "lams": [0.1], "loo_tol": 1e-10, "data": to_dict(DataConfig(dataset="digits")),
+           "backbone": to_dict(BackboneConfig()), "features": to_dict(FeatureConfig())}
+    new = yaml.safe_load((run / "config.yaml").read_text())
+    torch.testing.assert_close(load_sanity_problem(old, 0.1)[0].W, load_sanity_problem(new, 0.1)[0].W, rtol=0, atol=0)
     code = ("import sys, paper_figs, paper_figs.representer, paper_figs.loo_scatter; "
             "print(any(m.split('.')[0] == 'experiments' for m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -405,25 +414,38 @@ def test_deprecated_module_entry_points_forward_to_the_one_command_line(tmp_path
 
 
 # ------------------------------------------------------------------------------------------------
-# experiments.paper (artefact building only; the step runner is the lead's)
+# experiments.paper (the plan, the step runner on cheap studies, artefact building)
 # ------------------------------------------------------------------------------------------------
 
 
 def test_paper_plan_and_steps_validation(tmp_path, capsys):
-    from experiments.paper import main, plan
+    """Every step is a registered study run through the one command line; its overrides resolve to a valid config."""
+    from experiments.cli import main
+    from experiments.paper import plan
+    from experiments.study import STUDIES
 
     steps = plan(tmp_path, quick=True)
     names = [s.name for s in steps]
     assert names[0] == "main_job_seed0" and {"main_job_seed1", "main_job_seed2"} <= set(names)
     assert {"noise_grid", "hypergrad_accuracy", "sanity", "faithfulness", "staged"} <= set(names)
     for s in steps:
+        assert s.study in STUDIES and s.command().startswith(f"python -m experiments.cli {s.study} --threads 1 ")
         if s.name.startswith("main_job"):
-            assert "threads=1" in s.argv and "data.dataset=digits" in s.argv
-            continue
-        assert "--quick" in s.argv and str(tmp_path / "runs" / "quick") in " ".join(s.argv)
+            assert "data.dataset=digits" in s.argv and "--quick" not in s.argv
+        else:
+            assert "--quick" in s.argv and str(tmp_path / "runs" / "quick") in " ".join(s.argv)
+        assert any(a.endswith(f"cache_dir={tmp_path / '.feature_cache'}") for a in s.argv)
+        # the grid's override names exist in the study's config (a renamed key would fail here, not mid-run)
+        assert main([s.study, "--dry-run", *s.argv]) == 0, (s.name, capsys.readouterr().err)
+    capsys.readouterr()
     assert all("runs/full" in " ".join(s.argv) for s in plan(tmp_path, quick=False))
-    assert main(["--out", str(tmp_path), "--steps", "bogus"]) == 2
-    assert "The '--steps' parameter must name steps from" in capsys.readouterr().err
+    for s in plan(tmp_path, quick=False):
+        assert main([s.study, "--dry-run", *s.argv]) == 0, (s.name, capsys.readouterr().err)
+    assert main(["paper", f"out={tmp_path}", "steps=[bogus]"]) == 2
+    assert "The 'steps' parameter must name steps from" in capsys.readouterr().err
+    # the old flags (Makefile, docs) still read
+    assert main(["paper", "--out", str(tmp_path), "--steps", "bogus"]) == 2
+    assert "The 'steps' parameter must name steps from" in capsys.readouterr().err
 
 
 def test_paper_no_run_builds_what_exists_and_indexes_the_rest(tmp_path, monkeypatch):
@@ -437,8 +459,8 @@ def test_paper_no_run_builds_what_exists_and_indexes_the_rest(tmp_path, monkeypa
     for s in (0, 1):
         make_main_run(out / "runs" / "quick" / "main", s)
     make_run(out / "runs" / "quick" / "main" / "killed", main_config(5), None, done=False)
-    real = paper._module_exists
-    monkeypatch.setattr(paper, "_module_exists", lambda m: False if m == "experiments.faithfulness" else real(m))
+    real = paper._study_exists
+    monkeypatch.setattr(paper, "_study_exists", lambda m: False if m == "faithfulness" else real(m))
     rc = paper.main(["--out", str(out), "--quick", "--no-run"])
     assert rc == 1  # the other experiments' tables could not be built
     for f in ("main_job.csv", "main_job_timing.csv", "main_job.md", "main_job.tex", "per_class_ess.csv",
@@ -447,7 +469,8 @@ def test_paper_no_run_builds_what_exists_and_indexes_the_rest(tmp_path, monkeypa
     for f in ("weight_hist", "class_ess", "trajectories"):
         assert (out / "figures" / f"{f}.png").is_file(), f
     index = (out / "INDEX.md").read_text()
-    assert "| faithfulness | skipped -- module experiments.faithfulness does not exist in this checkout |" in index
+    assert "| faithfulness | skipped -- study 'faithfulness' is not registered in this checkout |" in index
+    assert "Made by `carrot paper --quick out=" in index
     assert "| main_job | built (skipped runs: " in index and "killed: incomplete: no DONE marker" in index
     assert "`tables/main_job.csv`" in index
     assert "| method_comparison | failed: RunDirError: " in index and "noise_grid" in index
@@ -466,12 +489,15 @@ def test_paper_no_run_builds_what_exists_and_indexes_the_rest(tmp_path, monkeypa
 
 
 def test_run_steps_records_failures_cpu_and_missing_modules(tmp_path):
+    """Steps run as ``python -m experiments.cli <study>`` processes: exit codes, CPU time and logs are recorded."""
     from experiments.paper import Step, run_steps
 
-    steps = [Step("ok", "json.tool", ["--help"], "x", "d"), Step("bad", "json.tool", [str(tmp_path / "nope")], "x", "d"),
-             Step("gone", "experiments.does_not_exist", [], "x", "d")]
-    run_steps(steps, tmp_path / "logs", timeout=60, jobs=2)
+    out = tmp_path / "bad_inputs.md"
+    steps = [Step("ok", "bad_inputs", [f"out={out}"], str(out), "d"),
+             Step("bad", "bad_inputs", ["nope=1"], "x", "d"),
+             Step("gone", "does_not_exist", [], "x", "d")]
+    run_steps(steps, tmp_path / "logs", timeout=120, jobs=2)
     assert [s.status for s in steps] == ["done", "failed", "skipped"]
-    assert steps[0].cpu_seconds >= 0 and (tmp_path / "logs" / "ok.log").is_file()
-    assert steps[1].message.startswith("exit code 2: ") and "nope" in steps[1].message
-    assert steps[2].message == "module experiments.does_not_exist does not exist in this checkout"
+    assert steps[0].cpu_seconds >= 0 and (tmp_path / "logs" / "ok.log").is_file() and out.is_file()
+    assert steps[1].message.startswith("exit code 2: ") and "Unknown config key 'nope'" in steps[1].message
+    assert steps[2].message == "study 'does_not_exist' is not registered in this checkout"

@@ -261,20 +261,31 @@ def test_config_without_stages_is_not_a_staged_run(tmp_path, digits):
 
 
 def test_study_configs_build_for_every_strategy(tmp_path):
-    from experiments.staged import STRATEGIES, _load
+    from experiments.staged import STRATEGIES, StagedConfig, _load
 
+    study = load_config(None, [f"out={tmp_path}", "quick=true", "base.data.noise_rate=0.2",
+                               "base.backbone.batch_size=32"], cls=StagedConfig)
     for st in STRATEGIES:
-        cfg = _load(st, 1, tmp_path, quick=True, overrides=["data.noise_rate=0.2", "backbone.batch_size=32"])
+        cfg = _load(st, 1, study)
         assert isinstance(cfg, RunConfig)  # one schema: every override applies to every strategy
         assert cfg.seed == 1 and cfg.data.noise_rate == 0.2 and cfg.data.dataset == "digits"
         assert cfg.name == f"{st}_s1" and cfg.out_dir == str(tmp_path) and cfg.backbone.batch_size == 32
+        assert cfg.features.cache_dir == str(tmp_path / ".feature_cache")
         if st == "a_head_only":
-            assert cfg.stages == [] and cfg.backbone.epochs == 2  # head-only: --quick shortens the warm-up
+            assert cfg.stages == [] and cfg.backbone.epochs == 2  # head-only: quick shortens the warm-up
         else:
             assert cfg.stages and all(s.epochs <= 1 for s in cfg.stages)
     with pytest.raises(ConfigError, match="Unknown config key 'stages_typo'"):
-        _load("b_focus", 0, tmp_path, quick=False, overrides=["stages_typo=1"])
+        _load("b_focus", 0, load_config(None, [f"out={tmp_path}", "base.stages_typo=1"], cls=StagedConfig))
+    with pytest.raises(ConfigError, match=r"The 'strategies' parameter must be a non-empty list of names from"):
+        load_config(None, ["strategies=[e_nope]"], cls=StagedConfig)
     # an override in the old staged schema still works, with a deprecation message
     with pytest.warns(DeprecationWarning, match=r"batch_size -> backbone\.batch_size"):
-        cfg = _load("d_full", 0, tmp_path, quick=False, overrides=["batch_size=16"])
+        cfg = _load("d_full", 0, load_config(None, [f"out={tmp_path}", "base.batch_size=16"], cls=StagedConfig))
     assert cfg.backbone.batch_size == 16
+    # ... and so do the study's old top-level RunConfig overrides (data.noise_rate=0.2), and a private cache
+    with pytest.warns(DeprecationWarning, match=r"data -> base\.data"):
+        study = load_config(None, ["data.noise_rate=0.3", f"base.features.cache_dir={tmp_path / 'c'}"],
+                            cls=StagedConfig)
+    cfg = _load("b_focus", 2, study)
+    assert cfg.data.noise_rate == 0.3 and cfg.features.cache_dir == str(tmp_path / "c")
