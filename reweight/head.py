@@ -319,12 +319,16 @@ class HeadObjective:
         B, K, D = W.shape
         out: Optional[torch.Tensor] = None
         Wt = W.reshape(B * K, D).T
+        heads = torch.arange(B, device=W.device)[None, :] * K
         for lo, hi, x in self._chunks():
-            P = (x @ Wt).view(hi - lo, B, K)
-            P = P.sub_(P.amax(dim=2, keepdim=True)).exp_()  # softmax over K in place (torch.softmax is
-            P = P.div_(P.sum(dim=2, keepdim=True))           # ~4x slower on a short last axis on CPU)
-            residuals(P, self.y[lo:hi], inplace=True).mul_(A[lo:hi, :, None])
-            out = P.reshape(hi - lo, B * K).T @ x if out is None else out.addmm_(P.reshape(hi - lo, B * K).T, x)
+            Z = x @ Wt  # (rows, B*K), overwritten by A * (P - Y)
+            P = Z.view(hi - lo, B, K)
+            P.sub_(P.amax(dim=2, keepdim=True)).exp_()  # softmax over K in place (torch.softmax is ~4x slower on a
+            a = A[lo:hi]                                 # short last axis on CPU), normalisation fused with * A
+            P.mul_(a[:, :, None] / P.sum(dim=2, keepdim=True))
+            flat = (torch.arange(hi - lo, device=W.device)[:, None] * (B * K) + heads + self.y[lo:hi, None]).reshape(-1)
+            Z.view(-1).index_add_(0, flat, a.reshape(-1), alpha=-1.0)  # - A * Y at the labels
+            out = Z.T @ x if out is None else out.addmm_(Z.T, x)
         if out is None:
             out = torch.zeros(B * K, D, dtype=W.dtype, device=W.device)
         return self.rows.allreduce(out).reshape(B, K, D).div_(self.n).add_(W, alpha=self.lam)
