@@ -66,6 +66,7 @@ __all__ = [
     "NoPreconditioner",
     "Preconditioner",
     "assemble_hessian",
+    "block_quadforms",
     "build_preconditioner",
     "choose_preconditioner",
     "estimate_solve_cost",
@@ -123,6 +124,49 @@ def pair_coefficients(aP: torch.Tensor, P: torch.Tensor) -> torch.Tensor:
     return C
 
 
+def _fill_slabs(xt: torch.Tensor, kr: torch.Tensor, a0: int, a1: int) -> None:
+    """Rows ``(a, a..D-1)`` of the symmetric Khatri--Rao product of the columns of ``xt`` ``(D, b)`` for ``a`` in
+    ``[a0, a1)``, written into ``kr`` as contiguous slabs ``x_a * x_{a..D-1}``."""
+    D = xt.shape[0]
+    off = 0
+    for a in range(a0, a1):
+        torch.mul(xt[a:a + 1], xt[a:], out=kr[off:off + D - a])
+        off += D - a
+
+
+def block_quadforms(M: torch.Tensor, X: torch.Tensor, K: int, rows_per_chunk: int = 1024) -> torch.Tensor:
+    r""":math:`T_{ikl} = h_i^\top M_{kl} h_i` for every row of ``X`` ``(n, D)`` and every ``D x D`` block of
+    ``M`` ``(K·D, K·D)``, ``(n, K, K)`` (symmetric in ``k, l`` when ``M`` is).
+
+    One GEMM per row chunk against the symmetric Khatri--Rao product of the rows,
+    :math:`(h\otimes h)_{a\le b}\,[\operatorname{sym}(M_{kl})_{ab}(2-\delta_{ab})]_{a\le b,\,k\le l}`:
+    ``n·D(D+1)/2·K(K+1)/2`` multiply-adds, no per-sample loop. Only the symmetric part of each block enters
+    :math:`h^\top M_{kl}h`, so the blocks are symmetrised first. Computed in ``M``'s dtype.
+    """
+    n, D = X.shape
+    dt = M.dtype
+    ia, ib = torch.triu_indices(D, D, device=M.device)
+    ku, lu = torch.triu_indices(K, K, device=M.device)
+    M4 = M.reshape(K, D, K, D)
+    Ms = M4[ku, :, lu, :]  # (Kpd, D, D) blocks k <= l
+    Ms = 0.5 * (Ms + Ms.transpose(1, 2))
+    w = torch.where(ia == ib, 1.0, 2.0).to(dt)
+    Ms = (Ms[:, ia, ib] * w).contiguous()  # (Kpd, Dp)
+    out = torch.empty(n, K, K, dtype=dt, device=M.device)
+    Dp = ia.numel()
+    buf = torch.empty(Dp * min(rows_per_chunk, max(n, 1)), dtype=dt, device=M.device)
+    for lo in range(0, n, rows_per_chunk):
+        hi = min(n, lo + rows_per_chunk)
+        xt = X[lo:hi].T.to(dt).contiguous()
+        kr = buf[:Dp * (hi - lo)].view(Dp, hi - lo)
+        _fill_slabs(xt, kr, 0, D)
+        q = (Ms @ kr).T  # (b, Kpd)
+        o = out[lo:hi]
+        o[:, ku, lu] = q
+        o[:, lu, ku] = q
+    return out
+
+
 def _slab_groups(D: int, rows: int) -> List[Tuple[int, int, int, int]]:
     """Consecutive ``a`` ranges ``[a0, a1)`` of the symmetric Khatri--Rao rows ``(a, a..D-1)`` holding about ``rows``
     rows each, with their row span ``[r0, r1)`` in ``torch.triu_indices(D, D)`` order."""
@@ -170,10 +214,7 @@ def pair_gram(hess: Any, dtype: torch.dtype, rows_per_chunk: Optional[int] = Non
             b = hi - lo
             for a0, a1, r0, r1 in groups:
                 kr = buf[:(r1 - r0) * b].view(r1 - r0, b)
-                off = 0
-                for a in range(a0, a1):  # rows (a, a..D-1) of the symmetric Khatri-Rao product, one slab each
-                    torch.mul(xt[a:a + 1], xt[a:], out=kr[off:off + D - a])
-                    off += D - a
+                _fill_slabs(xt, kr, a0, a1)
                 if lowp:
                     G[r0:r1].add_(kr @ C)  # the low-precision GEMM rounds its output once; accumulate in float32
                 else:
