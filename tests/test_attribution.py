@@ -230,6 +230,18 @@ def test_newton_step_beats_influence_against_exact_loo():
     assert e2 <= e1 * 1.05 and e2 < 0.5 * e_inf, (e_inf, e1, e2)
 
 
+def test_influence_cg_reports_its_preconditioner(small):
+    pr, Xv, yv, _ = small
+    ref = make_attribution("influence_exact").fit(pr).scores(Xv[:2], yv[:2])
+    for pc in ("dense", "kfac", "none", "block_jacobi"):
+        m = make_attribution("influence_cg", {"rtol": 1e-12, "precond": pc}).fit(pr)
+        torch.testing.assert_close(m.scores(Xv[:2], yv[:2]), ref, rtol=1e-8, atol=1e-12)
+        info = m.info()
+        assert info["precond"] == pc and info["hvps"] > 0 and info["precond_seconds"] >= 0
+    with pytest.raises(ConfigError, match="The 'precond' parameter of influence_cg must be one of 'auto'"):
+        make_attribution("influence_cg", {"precond": "ilu"})
+
+
 def test_newton_step_errors():
     pr, Xv, yv = _make(n=30)
     with pytest.raises(ConfigError, match="The 'order' parameter of newton_step must be one of 1, 2"):
