@@ -58,12 +58,16 @@ import torch
 from .errors import ConfigError
 
 __all__ = [
-    "DENSE_PRECOND_MAX",
-    "PRECONDITIONERS",
     "BlockJacobi",
+    "CHOL_RATE",
+    "DENSE_PRECOND_MAX",
     "DensePreconditioner",
+    "ELEM_RATE",
+    "GEMM_RATE",
+    "ITERS_PER_DECADE",
     "KFAC",
     "NoPreconditioner",
+    "PRECONDITIONERS",
     "Preconditioner",
     "assemble_hessian",
     "block_quadforms",
@@ -320,6 +324,12 @@ class NoPreconditioner(Preconditioner):
 class KFAC(Preconditioner):
     r"""Trace-weighted K-FAC with exact damping: :math:`M = C\otimes A + \lambda I` (module docstring).
 
+    Args:
+        hess: the Hessian operator.
+        max_rows: the feature factor :math:`A` (an average, ``n·D^2`` to form) is taken over every ``s``-th row,
+            ``s = ceil(n / max_rows)`` (all rows when ``n <= max_rows``); :math:`C` always uses every row. At
+            n = 1e6, D = 513 this cuts the setup from about 3 HVPs to a fraction of one.
+
     Attributes:
         C: ``(K, K)`` :math:`\frac1n\sum_i\alpha_iS_i`; A: ``(D, D)`` :math:`\sum_iw_ih_ih_i^\top/\sum_iw_i`,
         :math:`w_i = \alpha_i(1 - \|p_i\|^2)` (both float64).
@@ -327,23 +337,29 @@ class KFAC(Preconditioner):
 
     name = "kfac"
 
-    def __init__(self, hess: Any):
+    def __init__(self, hess: Any, max_rows: int = 1 << 17):
         super().__init__()
         t0 = time.perf_counter()
         K, D = hess.K, hess.D
         f64 = torch.float64
         dev = hess.rows.device
+        stride = max(1, -(-int(hess.n) // int(max_rows)))
         # one packed buffer -> one all-reduce: [sum_i alpha p_i (K) | sum_i (alpha p_i) p_i^T (K*K) | sum w (1) | A (D*D)]
         buf = torch.zeros(K + K * K + 1 + D * D, dtype=f64, device=dev)
         csum, cpp = buf[:K], buf[K:K + K * K].view(K, K)
         wsum, A = buf[K + K * K:K + K * K + 1], buf[K + K * K + 1:].view(D, D)
+        offset = 0
         for X, P, aP in _chunks(hess):
             csum.add_(aP.sum(0).to(f64))
             cpp.add_((aP.T @ P).to(f64))
-            w = aP.sum(1) - (aP * P).sum(1)  # alpha_i (1 - ||p_i||^2), since the rows of P sum to one
+            first = (-offset) % stride  # every stride-th row of this process, counted across chunks
+            offset += X.shape[0]
+            Xs, Ps, aPs = X[first::stride], P[first::stride], aP[first::stride]
+            w = aPs.sum(1) - (aPs * Ps).sum(1)  # alpha_i (1 - ||p_i||^2), since the rows of P sum to one
             wsum.add_(w.sum().to(f64))
-            A.add_(((X * w[:, None]).T @ X).to(f64))
+            A.add_(((Xs * w[:, None]).T @ Xs).to(f64))
         hess.rows.allreduce(buf)
+        self.stride = stride
         C = (torch.diag(csum) - cpp) / hess.n
         A = A / wsum.clamp_min(torch.finfo(f64).tiny)
         self.C, self.A = 0.5 * (C + C.T), 0.5 * (A + A.T)
@@ -509,7 +525,7 @@ def estimate_solve_cost(kind: str, n: int, K: int, D: int, rtol: float, dtype: t
     kind     setup                                                   application (flops)
     ======== ======================================================= ==========================
     none     0                                                       0
-    kfac     ``2n(K^2 + D^2)`` GEMM flops + two ``eigh``             ``4(K^2D + KD^2)``
+    kfac     ``2(nK^2 + min(n, 2^17)D^2)`` GEMM flops, two ``eigh``  ``4(K^2D + KD^2)``
     dense    ``2n D(D+1)/2 K(K-1)/2`` low-precision GEMM flops,      ``2(K'D)^2`` (float32)
              ``n(D(D+1)/2 + K(K-1)/2)`` elementwise products,
              ``(K'D)^3/3`` float32 Cholesky flops (``K' = K-1``
@@ -526,7 +542,7 @@ def estimate_solve_cost(kind: str, n: int, K: int, D: int, rtol: float, dtype: t
     if kind == "none":
         return max(1.0, ITERS_PER_DECADE["none"] * decades) * t_hvp
     if kind == "kfac":
-        setup = 2.0 * n * (K * K + D * D) / (GEMM_RATE[dt] * g) + 9.0 * (K ** 3 + D ** 3) / (CHOL_RATE[torch.float64] * g)
+        setup = 2.0 * (n * K * K + min(n, 1 << 17) * D * D) / (GEMM_RATE[dt] * g) + 9.0 * (K ** 3 + D ** 3) / (CHOL_RATE[torch.float64] * g)
         apply = 4.0 * (K * K * D + K * D * D) / (GEMM_RATE[dt] * g)
         return setup + max(1.0, ITERS_PER_DECADE["kfac"] * decades) * (t_hvp + apply)
     if kind == "dense":

@@ -143,6 +143,22 @@ def test_kfac_factors_match_their_definitions(fx):
         assert not torch.allclose(M(R), other, rtol=1e-6, atol=1e-9)
 
 
+def test_kfac_feature_factor_on_a_row_subsample():
+    """max_rows: A from every s-th row (counted across chunks), C from every row; the solve is unchanged."""
+    obj, X, y, alpha, W = _problem(chunk_rows=17)
+    H = obj.hessian(W, alpha)
+    M = KFAC(H, max_rows=40)  # n = 150 -> every 4th row
+    assert M.stride == 4
+    P = torch.softmax(X @ W.T, dim=1)
+    rows = torch.arange(0, obj.n, 4)
+    w = alpha[rows] * (1 - (P[rows] ** 2).sum(1))
+    torch.testing.assert_close(M.A, (X[rows] * w[:, None]).T @ X[rows] / w.sum(), rtol=1e-12, atol=1e-15)
+    torch.testing.assert_close(M.C, KFAC(H).C, rtol=1e-12, atol=1e-15)
+    B = torch.randn(obj.shape, dtype=DT, generator=torch.Generator().manual_seed(13))
+    res = H.solve(B, method="cg", rtol=1e-12, max_iter=2000, precond=M)
+    torch.testing.assert_close(res.x, H.solve(B, method="dense").x, rtol=1e-9, atol=1e-12)
+
+
 def test_block_jacobi_is_the_inverse_of_the_class_blocks(fx):
     obj, X, y, alpha, W, H, Hd = fx
     K, D = obj.shape

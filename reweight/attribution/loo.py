@@ -151,12 +151,12 @@ def _woodbury_chord(inner, alpha: torch.Tensor, W_star: torch.Tensor, Hinv: torc
     K, D = W_star.shape
     wb = _WoodburyBlock(Hinv, P, inner.X, alpha, inner.n, blk, K, D)
     A = alpha[:, None].repeat(1, B)
-    A[blk, torch.arange(B)] = 0.0
+    A[blk.to(A.device), torch.arange(B, device=A.device)] = 0.0
     W = W_star[None].repeat(B, 1, 1)
     g = inner.grad_batch(W, A)
     gn = torch.linalg.vector_norm(g.reshape(B, -1), dim=1)
-    stalled = torch.zeros(B, dtype=torch.bool)
-    n_steps = torch.zeros(B, dtype=torch.int64)
+    stalled = torch.zeros(B, dtype=torch.bool, device=gn.device)
+    n_steps = torch.zeros(B, dtype=torch.int64, device=gn.device)
     for _ in range(steps):
         act = torch.nonzero((gn > tol) & ~stalled).flatten()  # only unfinished samples cost a gradient
         if act.numel() == 0:
