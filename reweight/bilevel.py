@@ -129,7 +129,8 @@ def _row(step: int, problem: BilevelProblem, alpha: torch.Tensor, sol: HeadSolut
         "inner_seconds": t_inner,
     }
     if hg is not None:
-        row.update({"hypergrad_method": hg.method, "hvps": hg.hvps, "cg_rel_residual": hg.rel_residual,
+        row.update({"hypergrad_method": hg.method, "hvps": hg.hvps, "precond": hg.extra.get("precond"),
+                    "cg_rel_residual": hg.rel_residual,
                     "hypergrad_converged": hg.converged, "hypergrad_seconds": hg.seconds,
                     "grad_s_norm": float(torch.linalg.vector_norm(hg.grad_s))})
     for name, (X, y) in evals.items():

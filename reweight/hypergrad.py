@@ -24,7 +24,7 @@ The approximation ladder (every rung has the signature of :class:`HypergradMetho
 name        approximation of :math:`V = H^{-1}\nabla L_{val}`      cost reported
 ========== ====================================================== ============================
 exact       dense Cholesky of the ``(K·D)^2`` Hessian                (dense solve)
-cg          conjugate gradients to a relative residual              ``hvps``
+cg          preconditioned CG to a relative residual               ``hvps``, ``extra['precond']``
 neumann     :math:`\eta\sum_{k=0}^{K}(I-\eta H)^k\nabla L_{val}`     ``hvps`` (incl. power iteration)
 unrolled    differentiate ``L_val`` through ``T`` GD steps (higher)  ``inner_steps`` (+ ``hvps``)
 one_step    :math:`H \approx I/\eta` at the look-ahead point        ``inner_steps = 1``
@@ -56,9 +56,10 @@ import torch
 
 from .errors import ConfigError, NonFiniteError
 from .head import InnerObjective, mean_ce, mean_ce_grad
+from .precond import PRECONDITIONERS
 from .registry import Registry
 from .rows import TensorRows
-from .validate import check_bool, check_features, check_int, check_labels, check_number, renamed_field
+from .validate import check_bool, check_choice, check_features, check_int, check_labels, check_number, renamed_field
 from .weights import WeightModel
 
 __all__ = [
@@ -235,11 +236,14 @@ class ConjugateGradient:
             one default of the CG hypergradient; ``tol`` is its deprecated name).
         max_iter: HVP budget.
         warm_start: start CG from the previous outer step's ``V``.
+        precond: preconditioner of the solve (:meth:`reweight.head.HeadHessian.solve`): ``auto`` (cost model),
+            ``dense``, ``kfac``, ``block_jacobi`` or ``none``. Its name and build seconds are reported in ``extra``.
     """
 
     rtol: float = 1e-6
     max_iter: int = 500
     warm_start: bool = True
+    precond: str = "auto"
     tol: Optional[float] = None
 
     def __post_init__(self) -> None:
@@ -247,14 +251,16 @@ class ConjugateGradient:
         check_number(self.rtol, "rtol", "cg", low=0.0, low_open=True)
         check_int(self.max_iter, "max_iter", "cg", minimum=1)
         check_bool(self.warm_start, "warm_start", "cg")
+        check_choice(self.precond, "precond", "cg", ("auto",) + PRECONDITIONERS)
 
     def val_alpha_grad(self, problem: BilevelProblem, W: torch.Tensor, alpha: torch.Tensor,
                        v0: Optional[torch.Tensor] = None) -> ValAlphaGrad:
         H = problem.inner.hessian(W, alpha)
         sol = H.solve(problem.val_grad(W), method="cg", rtol=self.rtol, max_iter=self.max_iter,
-                      x0=v0 if self.warm_start else None)
+                      x0=v0 if self.warm_start else None, precond=self.precond)
         return ValAlphaGrad(problem.inner.alpha_grad_from_v(W, sol.x, P=H.P), v=sol.x, hvps=sol.hvps,
-                            rel_residual=sol.rel_residual, converged=sol.converged)
+                            rel_residual=sol.rel_residual, converged=sol.converged,
+                            extra={"precond": sol.precond, "precond_seconds": sol.precond_seconds})
 
 
 def largest_eigenvalue(matvec: Callable[[torch.Tensor], torch.Tensor], shape: Tuple[int, ...],

@@ -57,6 +57,8 @@ EXPECTATIONS = {
     "hypergrad_cg": {"val": 0.95, "query": 0.98},
     "influence_diag_ggn": {"val": 0.6, "query": 0.8},
     "influence_kfac": {"val": 0.6, "query": 0.8},
+    # float32 inverse Hessian by default: 'mean' equals the row mean of 'none' to float32 rounding only
+    "newton_step": {"val": 0.99, "query": 0.99, "mean_rtol": 1e-4, "mean_atol": 1e-8},
     "representer": {"val": 0.6, "query": 0.8},
     "tracin": {"val": 0.3, "query": 0.7},
     "trak": {"val": 0.3, "query": 0.6},
@@ -80,7 +82,8 @@ def test_method_against_exact_loo(small, name):
     rq = np.mean([spearmanr(S[q].numpy(), loo.delta_query[:, q].numpy()).statistic for q in range(8)])
     assert rq >= EXPECTATIONS[name]["query"], rq
     # every method is linear in the target gradient: the 'mean' target is the mean of the rows
-    torch.testing.assert_close(m.scores(Xv, yv).mean(dim=0), s_val, rtol=1e-6, atol=1e-12)
+    torch.testing.assert_close(m.scores(Xv, yv).mean(dim=0), s_val, rtol=EXPECTATIONS[name].get("mean_rtol", 1e-6),
+                               atol=EXPECTATIONS[name].get("mean_atol", 1e-12))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -150,6 +153,103 @@ def test_loo_warm_start_equals_refit_from_scratch(small, warm):
     torch.testing.assert_close(fast.delta_query, slow.delta_query, rtol=0, atol=1e-6)
     torch.testing.assert_close(fast.delta_logits, slow.delta_logits, rtol=0, atol=1e-6)
     assert float(fast.iters.float().mean()) < float(slow.iters.float().mean())
+
+
+def test_woodbury_chord_loo_equals_refits_from_scratch_to_1e9():
+    """The default path (chord steps with the exact leave-one-out Hessian at W*, Woodbury on a float32 inverse)
+    reaches the from-scratch refits to 1e-9 in Delta, with no Newton fallback on this problem; chord_steps=0 hands
+    every sample to Newton and gives the same answers; a float64 inverse contracts at least as fast."""
+    pr, Xv, yv = _make(n=200, d=6, K=4, lam=1e-3, seed=3)
+    sub = torch.tensor([0, 5, 17, 42, 99, 150, 199])
+    fast = exact_loo(pr, sub, Xv, yv, Xv[:4], yv[:4], block_size=3)
+    slow = exact_loo(pr, sub, Xv, yv, Xv[:4], yv[:4], warm_start="none")
+    assert bool(fast.converged.all()) and bool(slow.converged.all()) and fast.fallbacks == 0
+    assert bool((fast.grad_norm <= 1e-10).all())
+    torch.testing.assert_close(fast.delta_val, slow.delta_val, rtol=0, atol=1e-9)
+    torch.testing.assert_close(fast.delta_query, slow.delta_query, rtol=0, atol=1e-9)
+    torch.testing.assert_close(fast.delta_logits, slow.delta_logits, rtol=0, atol=1e-8)
+    assert float(fast.iters.double().mean()) < float(slow.iters.double().mean())
+    newton = exact_loo(pr, sub, Xv, yv, chord_steps=0)
+    assert newton.fallbacks == sub.numel()
+    torch.testing.assert_close(newton.delta_val, slow.delta_val, rtol=0, atol=1e-9)
+    f64 = exact_loo(pr, sub, Xv, yv, factor_dtype=torch.float64)
+    assert int(f64.iters.sum()) <= int(fast.iters.sum())
+    torch.testing.assert_close(f64.delta_val, slow.delta_val, rtol=0, atol=1e-9)
+
+
+def _explicit_newton_step(pr, X, y, order):
+    """The slow twin of newton_step: per sample, the explicit leave-one-out Hessian H - c_i S_i kron h_i h_i^T, a dense
+    solve for the Newton step delta_i, and the target's gradient and Hessian by autograd."""
+    K, D, n = pr.K, pr.D, pr.n
+    H = pr.inner.hessian(pr.W, pr.alpha).dense()
+    P = torch.softmax(pr.inner.X @ pr.W.T, dim=1)
+    G = P - torch.nn.functional.one_hot(pr.inner.y, K).to(DT)
+
+    def L(w):
+        return torch.nn.functional.cross_entropy(X @ w.reshape(K, D).T, y)
+
+    w0 = pr.W.reshape(-1)
+    gL = torch.autograd.functional.jacobian(L, w0)
+    HL = torch.autograd.functional.hessian(L, w0)
+    out = torch.empty(n, dtype=DT)
+    for i in range(n):
+        h, c = pr.inner.X[i], pr.alpha[i] / n
+        S = torch.diag(P[i]) - torch.outer(P[i], P[i])
+        Hi = H - c * torch.kron(S, torch.outer(h, h))
+        d = torch.linalg.solve(Hi, c * torch.outer(G[i], h).reshape(-1))
+        out[i] = gL @ d + (0.5 * d @ HL @ d if order == 2 else 0.0)
+    return out
+
+
+@pytest.mark.parametrize("order", [1, 2])
+def test_newton_step_equals_explicit_per_sample_computation(order):
+    pr, Xv, yv = _make(n=40, d=3, K=3, lam=0.01, seed=4)
+    m = make_attribution("newton_step", {"order": order, "precision": "float64"}).fit(pr)
+    torch.testing.assert_close(m.scores(Xv, yv, reduce="mean"), _explicit_newton_step(pr, Xv, yv, order), rtol=1e-9,
+                               atol=1e-14)
+    S = m.scores(Xv[:3], yv[:3])
+    for q in range(3):
+        torch.testing.assert_close(S[q], _explicit_newton_step(pr, Xv[q:q + 1], yv[q:q + 1], order), rtol=1e-9,
+                                   atol=1e-14)
+    # the float32 factor: the same scores to its precision
+    m32 = make_attribution("newton_step", {"order": order}).fit(pr)
+    torch.testing.assert_close(m32.scores(Xv, yv, reduce="mean"), m.scores(Xv, yv, reduce="mean"), rtol=1e-4, atol=1e-9)
+
+
+def test_newton_step_beats_influence_against_exact_loo():
+    """On a small, ill-conditioned head the leave-one-out Hessian matters: the Newton step tracks exact LOO far more
+    closely than first-order influence (relative L2 error), and order 2 at least as well as order 1."""
+    pr, Xv, yv = _make(n=80, d=4, K=3, lam=1e-3, seed=5, scale=3.0)
+    loo = exact_loo(pr, torch.arange(pr.n), Xv, yv)
+
+    def err(name, opts=None):
+        s = make_attribution(name, opts).fit(pr).scores(Xv, yv, reduce="mean")
+        return float(torch.linalg.vector_norm(s - loo.delta_val) / torch.linalg.vector_norm(loo.delta_val))
+
+    e_inf, e1, e2 = err("influence_exact"), err("newton_step", {"order": 1}), err("newton_step")
+    assert e2 <= e1 * 1.05 and e2 < 0.5 * e_inf, (e_inf, e1, e2)
+
+
+def test_influence_cg_reports_its_preconditioner(small):
+    pr, Xv, yv, _ = small
+    ref = make_attribution("influence_exact").fit(pr).scores(Xv[:2], yv[:2])
+    for pc in ("dense", "kfac", "none", "block_jacobi"):
+        m = make_attribution("influence_cg", {"rtol": 1e-12, "precond": pc}).fit(pr)
+        torch.testing.assert_close(m.scores(Xv[:2], yv[:2]), ref, rtol=1e-8, atol=1e-12)
+        info = m.info()
+        assert info["precond"] == pc and info["hvps"] > 0 and info["precond_seconds"] >= 0
+    with pytest.raises(ConfigError, match="The 'precond' parameter of influence_cg must be one of 'auto'"):
+        make_attribution("influence_cg", {"precond": "ilu"})
+
+
+def test_newton_step_errors():
+    pr, Xv, yv = _make(n=30)
+    with pytest.raises(ConfigError, match="The 'order' parameter of newton_step must be one of 1, 2"):
+        make_attribution("newton_step", {"order": 3})
+    with pytest.raises(ConfigError, match="The 'precision' parameter of newton_step must be one of 'float32', 'float64'"):
+        make_attribution("newton_step", {"precision": "half"})
+    with pytest.raises(ConfigError, match="The 'max_dim' parameter of NewtonStep must be >= K\\*D = 15"):
+        make_attribution("newton_step", {"max_dim": 10}).fit(pr)
 
 
 def test_loo_large_head_path_uses_cg_start(small, monkeypatch):

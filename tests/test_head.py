@@ -121,3 +121,14 @@ def test_bad_inputs_raise_before_work():
         solve_head(obj, torch.ones(10, dtype=torch.float64), W0=torch.zeros(3, 3, dtype=torch.float64))
     with pytest.raises(ConfigError, match="'rtol' parameter of conjugate_gradient"):
         conjugate_gradient(lambda v: v, torch.ones(2), rtol=0)
+
+
+def test_grad_batch_equals_one_gradient_per_head():
+    obj, a = _obj_alpha()
+    g = torch.Generator().manual_seed(4)
+    W = torch.randn(5, *obj.shape, dtype=torch.float64, generator=g)
+    A = a[:, None] * torch.rand(obj.n, 5, dtype=torch.float64, generator=g)
+    A[3, 1] = 0.0
+    got = obj.grad_batch(W, A)
+    for b in range(5):
+        torch.testing.assert_close(got[b], obj.grad(W[b], A[:, b]), rtol=1e-12, atol=1e-14)

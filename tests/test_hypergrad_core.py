@@ -95,10 +95,13 @@ def test_registry_and_options_errors():
     assert {"exact", "cg"} <= set(HYPERGRAD.names())
     with pytest.raises(ConfigError, match="Registered: .*cg.*exact"):
         make_method("bogus")
-    with pytest.raises(ConfigError, match="Valid options: rtol, max_iter, warm_start, tol"):
+    with pytest.raises(ConfigError, match="Valid options: rtol, max_iter, warm_start, precond, tol"):
         make_method("cg", {"tolerance": 1})
     with pytest.raises(ConfigError, match="'max_iter' parameter of cg must be an int >= 1"):
         make_method("cg", {"max_iter": 0})
+    with pytest.raises(ConfigError, match="The 'precond' parameter of cg must be one of 'auto', 'dense', 'kfac', 'none', "
+                                          "'block_jacobi'. Got 'jacobi' instead."):
+        make_method("cg", {"precond": "jacobi"})
     with pytest.raises(ValueError, match="already registered"):
         HYPERGRAD.register("cg")(object)
 

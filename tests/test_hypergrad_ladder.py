@@ -96,6 +96,27 @@ def test_method_matches_exact(fx, name):
     assert res.seconds >= 0 and res.method == name
 
 
+# Every preconditioner option of ``cg`` (reweight.precond) must meet the cg tolerance above; an option added to
+# PRECONDITIONERS without an entry here fails test_every_cg_preconditioner_is_covered.
+CG_PRECONDS = ("auto", "dense", "kfac", "none", "block_jacobi")
+
+
+def test_every_cg_preconditioner_is_covered():
+    from reweight.precond import PRECONDITIONERS
+
+    assert set(CG_PRECONDS) == {"auto", *PRECONDITIONERS}
+
+
+@pytest.mark.parametrize("precond", CG_PRECONDS)
+def test_cg_with_every_preconditioner_matches_exact(fx, precond):
+    prob, s, alpha, W, exact = fx
+    options, min_cos, max_rel = TOLERANCES["cg"]
+    res = hypergradient(make_method("cg", {**options, "precond": precond}), prob, s, W, name="cg")
+    assert res.converged and res.extra["precond"] in CG_PRECONDS and res.extra["precond_seconds"] >= 0
+    assert precond == "auto" or res.extra["precond"] == precond
+    assert _within(res.grad_alpha, exact.grad_alpha, min_cos, max_rel)
+
+
 def test_tolerance_check_catches_scaling_errors(fx):
     """The tolerances above would fail for a sign flip, a factor n, a factor 2, or lambda off by 2x."""
     prob, s, alpha, W, exact = fx

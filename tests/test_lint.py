@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-CORE = ["reweight/head.py", "reweight/weights.py", "reweight/hypergrad.py", "reweight/linalg.py",
+CORE = ["reweight/head.py", "reweight/precond.py", "reweight/weights.py", "reweight/hypergrad.py", "reweight/linalg.py",
         "reweight/pipeline.py", "reweight/validate.py", "reweight/rows.py"]
 
 

@@ -12,13 +12,14 @@ name                      estimate of :math:`\Delta_i(x)`                       
 ``influence_cg``          same, :math:`H^{-1}` by CG (``HeadHessian.solve``)     Koh & Liang 2017
 ``influence_diag_ggn``    same, :math:`H\approx\operatorname{diag}` (BackPACK)   Koh & Liang 2017; BackPACK
 ``influence_kfac``        same, :math:`H\approx G\otimes A+\lambda I` (BackPACK KFLR) Martens & Grosse 2015
+``newton_step``           one Newton step with :math:`H_{-i}` (Woodbury)        Koh & Liang 2017; Pregibon 1981
 ``representer``           same with :math:`H\approx\lambda I` (representer expansion) Yeh et al. 2018
 ``tracin``                :math:`\sum_t\eta_t\frac{\alpha_i}{|b|}\nabla\ell_i(W_t)\cdot\nabla\ell_x(W_t)` Pruthi et al. 2020
 ``trak``                  projected margin-gradient regression, ensembled        Park et al. 2023
 ``hypergrad_exact``/``_cg`` :math:`-\alpha_i\partial L/\partial\alpha_i` (reweight.hypergrad) Pedregosa 2016
 ========================= ===================================================== =========================
 
-Ground truth and benchmarks: :func:`exact_loo` (Newton warm-started at the optimum), :func:`lds`
+Ground truth and benchmarks: :func:`exact_loo` (chord steps with the exact leave-one-out Hessian), :func:`lds`
 (linear datamodeling score on random half-subsets), :func:`faithfulness` (remove/keep top-K).
 """
 
@@ -41,6 +42,7 @@ from .hypergrad_fo import HypergradCG, HypergradExact, HypergradFirstOrder
 from .influence import InfluenceCG, InfluenceDiagGGN, InfluenceExact, InfluenceKFAC
 from .lds import SubsetOutputs, lds, random_subsets, subset_outputs
 from .loo import LOOResult, exact_loo, retrain
+from .newton_step import NewtonStep, newton_step_directions
 from .representer import (
                    Representer,
                    RepresenterExplanation,
@@ -64,6 +66,7 @@ __all__ = [
     "InfluenceExact",
     "InfluenceKFAC",
     "LOOResult",
+    "NewtonStep",
     "Representer",
     "RepresenterExplanation",
     "SGDTrace",
@@ -82,6 +85,7 @@ __all__ = [
     "loss_change_from_v",
     "make_attribution",
     "margin_gradient_factors",
+    "newton_step_directions",
     "project_gradients",
     "query_residuals",
     "random_subsets",

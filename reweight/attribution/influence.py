@@ -16,7 +16,7 @@ positive when ``i`` helps (DESIGN's sign convention). Methods differ only in how
 * ``influence_exact``: dense Cholesky of :meth:`reweight.head.HeadHessian.dense`, factored once and
   reused for every target (the same solve as ``HeadHessian.solve(method="dense")``, batched);
 * ``influence_cg``: :meth:`reweight.head.HeadHessian.solve` with ``method="cg"`` (the shared
-  inverse-HVP kernel), one solve per target;
+  inverse-HVP kernel, preconditioned by :mod:`reweight.precond`), one solve per target;
 * ``influence_diag_ggn`` / ``influence_kfac``: BackPACK curvature approximations
   (:mod:`reweight.attribution.curvature`) for heads too large for a dense factorisation.
 
@@ -36,7 +36,8 @@ from typing import Any, ClassVar, Dict, Optional
 import torch
 
 from ..errors import ConfigError
-from ..validate import check_int, check_number, renamed_field
+from ..precond import PRECONDITIONERS
+from ..validate import check_choice, check_int, check_number, renamed_field
 from .base import ATTRIBUTION, AttributionMethod, AttributionProblem, loss_change_from_v, target_gradients
 
 __all__ = ["InfluenceCG", "InfluenceDiagGGN", "InfluenceExact", "InfluenceKFAC"]
@@ -88,10 +89,15 @@ class InfluenceCG(_Influence):
     Args:
         rtol: relative residual :math:`\|HV-B\|/\|B\|` at which CG stops (``tol`` is its deprecated name).
         max_iter: HVP budget per target.
+        precond: preconditioner of the solves (``auto``, ``dense``, ``kfac``, ``block_jacobi``, ``none``; see
+            :mod:`reweight.precond`), built once at the first solve and shared by every target.
+
+    ``info()`` reports the HVPs of all solves, the largest relative residual, the preconditioner and its build seconds.
     """
 
     rtol: float = 1e-8
     max_iter: int = 1000
+    precond: str = "auto"
     tol: Optional[float] = None
     name: ClassVar[str] = "influence_cg"
 
@@ -99,23 +105,28 @@ class InfluenceCG(_Influence):
         renamed_field(self, "tol", "rtol", "influence_cg")
         check_number(self.rtol, "rtol", "influence_cg", low=0.0, low_open=True)
         check_int(self.max_iter, "max_iter", "influence_cg", minimum=1)
+        check_choice(self.precond, "precond", "influence_cg", ("auto",) + PRECONDITIONERS)
 
     def _fit(self, problem: AttributionProblem) -> None:
         self._H = problem.inner.hessian(problem.W, problem.alpha)
         self.hvps, self.max_rel_residual = 0, 0.0
+        self.precond_name, self.precond_seconds = "none", 0.0
 
     def _solve(self, B: torch.Tensor) -> torch.Tensor:
         out = []
         for b in B:
-            res = self._H.solve(b, method="cg", rtol=self.rtol, max_iter=self.max_iter)
+            res = self._H.solve(b, method="cg", rtol=self.rtol, max_iter=self.max_iter, precond=self.precond)
             self.hvps += res.hvps
             self.max_rel_residual = max(self.max_rel_residual, res.rel_residual)
+            self.precond_name = res.precond
+            self.precond_seconds += res.precond_seconds
             out.append(res.x)
         return torch.stack(out)
 
     def info(self) -> Dict[str, Any]:
         return {**super().info(), "hvps": getattr(self, "hvps", 0),
-                "max_rel_residual": getattr(self, "max_rel_residual", float("nan"))}
+                "max_rel_residual": getattr(self, "max_rel_residual", float("nan")),
+                "precond": getattr(self, "precond_name", "none"), "precond_seconds": getattr(self, "precond_seconds", 0.0)}
 
 
 @ATTRIBUTION.register("influence_diag_ggn")
