@@ -7,7 +7,7 @@ offending value and what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["CarrotError", "ConfigError", "DataError", "NonFiniteError", "RunDirError"]
+__all__ = ["CarrotError", "ConfigError", "DataError", "NonFiniteError", "RunDirError", "WarmupError"]
 
 
 class CarrotError(Exception):
@@ -28,3 +28,7 @@ class NonFiniteError(CarrotError, FloatingPointError):
 
 class RunDirError(CarrotError, RuntimeError):
     """A run directory is missing, incomplete, corrupted or belongs to another config."""
+
+
+class WarmupError(CarrotError, RuntimeError):
+    """The backbone warm-up failed to learn (its clean-validation accuracy stayed at chance)."""
