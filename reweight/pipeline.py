@@ -312,7 +312,7 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> 
                                           "train_index": fs.train_index.cpu(), "ids": fs.train_ids,
                                           "id_root": fs.meta.get("id_root")})
     known = fs.corrupted is not None
-    clean = ~fs.corrupted.bool() if known else torch.ones_like(out.alpha, dtype=torch.bool)
+    clean = ~fs.corrupted.bool() if fs.corrupted is not None else torch.ones_like(out.alpha, dtype=torch.bool)
     summary = {
         "dataset": cfg.data.dataset, "noise": cfg.data.noise, "noise_rate": cfg.data.noise_rate,
         "imbalance_factor": cfg.data.imbalance_factor, "method": cfg.hypergrad.method, "seed": cfg.seed,
@@ -320,7 +320,7 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> 
         "feature_dim": fs.meta["feature_dim"], "feature_cache_hit": fs.meta["cache_hit"],
         "warmup_best_val_acc": max((h["val_acc"] for h in fs.meta["warmup_history"]), default=None),
         "uniform": evaluate_head(uni.W, setup.evals), "learned": evaluate_head(out.W, setup.evals),
-        "auroc": weight_auroc(out.alpha, fs.corrupted) if known else None,
+        "auroc": weight_auroc(out.alpha, fs.corrupted) if fs.corrupted is not None else None,
         "ess_ratio_min": float(after["ess_ratio"].min()),
         "mean_weight_clean": float(out.alpha[clean].mean()) if known and clean.any() else None,
         "mean_weight_corrupted": float(out.alpha[~clean].mean()) if known and (~clean).any() else None,

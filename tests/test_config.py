@@ -6,8 +6,7 @@ import json
 import pytest
 import yaml
 
-from reweight.config import (BackboneConfig, DataConfig, RunConfig, apply_overrides, config_hash, from_dict, load_config,
-                             to_dict)
+from reweight.config import BackboneConfig, DataConfig, RunConfig, apply_overrides, config_hash, from_dict, load_config, to_dict
 from reweight.errors import ConfigError
 
 

@@ -18,7 +18,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
-    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "backbone.allow_chance=true", "outer.steps=4", "outer.checkpoint_every=2",
+    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "backbone.allow_chance=true", "outer.steps=4",
+            "outer.checkpoint_every=2",
             f"out_dir={base / 'runs'}", f"features.cache_dir={base / 'cache'}"]
     assert main(args + ["name=a"]) == 0
     assert main(args + ["name=b"]) == 0  # same config, other directory: features come from the cache
@@ -53,7 +54,8 @@ def test_second_run_hits_cache_and_gives_identical_tables(runs):
 
 def test_rerun_of_finished_run_resumes_from_last_checkpoint(runs, capsys):
     base = runs.parent
-    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "backbone.allow_chance=true", "outer.steps=4", "outer.checkpoint_every=2",
+    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "backbone.allow_chance=true", "outer.steps=4",
+            "outer.checkpoint_every=2",
             f"out_dir={runs}", f"features.cache_dir={base / 'cache'}", "name=a"]
     assert main(args) == 0
     assert json.loads((runs / "a" / "summary.json").read_text())["resumed_from"] == 4

@@ -125,7 +125,7 @@ def run_args(tmp: Path, name: str, *extra: str):
 
 
 def folder_args(f):
-    args = [f"data.dataset=imagefolder", f"data.train_dir={f['train']}", f"data.trusted_dir={f['trusted']}",
+    args = ["data.dataset=imagefolder", f"data.train_dir={f['train']}", f"data.trusted_dir={f['trusted']}",
             "data.image_size=8"]
     return args + ([f"data.test_dir={f['test']}"] if "test" in f else [])
 
