@@ -459,3 +459,37 @@ def test_extract_features_progress_counts_images(capsys):
     out = extract_features(m, torch.zeros(5, 1, 8, 8), batch_size=2, device="cpu", progress=True)
     assert out.shape[0] == 5
     assert "5/5" in capsys.readouterr().err
+
+
+def test_more_bad_embeddings_and_paths(tmp_path, monkeypatch):
+    p = write_embeddings(tmp_path / "dim", "npz")
+    np.savez(p["trusted"], features=np.zeros((3, 4), np.float32), labels=np.arange(3))
+    cfg = DataConfig(dataset="embeddings", train_file=str(p["train"]), trusted_file=str(p["trusted"]))
+    with pytest.raises(DataError, match=r"have 4 columns, those of data.train_file 5"):
+        load_source(cfg, _backbone())
+    X = np.zeros((3, 5), np.float32)
+    X[1, 2] = np.nan
+    np.savez(p["trusted"], features=X, labels=np.arange(3))
+    with pytest.raises(DataError, match=r"must be finite\. Got nan at row 1, column 2"):
+        load_source(cfg, _backbone())
+    c = write_embeddings(tmp_path / "csv", "csv")
+    import pandas as pd
+
+    df = pd.read_csv(c["trusted"])
+    df["f1"] = "x"
+    df.to_csv(c["trusted"], index=False)
+    with pytest.raises(DataError, match=r"non-numeric feature columns \['f1'\]"):
+        load_source(DataConfig(dataset="embeddings", train_file=str(c["train"]), trusted_file=str(c["trusted"])),
+                    _backbone())
+    (tmp_path / "t.parquet").write_bytes(b"PAR1")
+    monkeypatch.setitem(__import__("sys").modules, "pyarrow", None)  # as if pyarrow were not installed
+    with pytest.raises(ConfigError, match=r"needs pyarrow: pip install 'carrot-reweight\[parquet\]'"):
+        load_source(DataConfig(dataset="embeddings", train_file=str(tmp_path / "t.parquet"),
+                               trusted_file=str(c["trusted"])), _backbone())
+
+
+def test_staged_runs_name_where_user_sources_go():
+    from reweight.staging import staged_data
+
+    with pytest.raises(ConfigError, match=r"Staged runs read an embedded dataset .* `carrot run`"):
+        staged_data(DataConfig(dataset="imagefolder", train_dir="a", trusted_dir="b"), 0)
