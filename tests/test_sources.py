@@ -6,6 +6,7 @@ fake torchvision roots as torchvision writes them), then run end to end with a t
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import pickle
 from pathlib import Path
@@ -187,6 +188,7 @@ def test_embeddings_end_to_end_without_a_backbone(tmp_path, fmt):
     df = pd.read_csv(d / "weights.csv")
     assert sorted(df["id"]) == [f"train-{i:03d}" for i in range(30)]
     np.testing.assert_array_equal(df["clean_label"].to_numpy(), df["index"].to_numpy() % 3)  # rows written i % 3
+    assert (d / "weights.parquet").is_file() == (importlib.util.find_spec("pyarrow") is not None)
     assert df["corrupted"].dtype == bool and df["corrupted"].any()  # synthetic noise (main.yaml): known
     np.testing.assert_array_equal(df["corrupted"], df["label"] != df["clean_label"])
 
@@ -265,6 +267,9 @@ def test_labels_files_replace_training_labels(tmp_path):
     w = load_checked(tmp_path / "runs" / "npy" / "weights.pt")
     np.testing.assert_array_equal(w["labels"].numpy(), noisy[w["train_index"].numpy()])
     assert w["corrupted"] is None  # no clean labels in the file: unknown
+    np.save(tmp_path / "noisy.npy", official)  # the labels file changed in place: the run name is refused
+    assert main(run_args(tmp_path, "npy", *base, f"data.labels_file={tmp_path / 'noisy.npy'}")) == 2
+    assert not (tmp_path / "runs" / "npy" / "FAILED").exists()  # refused before any work
     # image folder + a .csv matched by id, labels as class names
     f = image_folders(tmp_path / "if")
     import pandas as pd
