@@ -76,6 +76,8 @@ def build_parser(studies: Optional[Sequence[str]] = None) -> argparse.ArgumentPa
                         help="replace a run directory made by another config (the old one is kept until success)")
         sp.add_argument("--threads", type=_positive_int, default=None, help="torch intra-op threads (recorded)")
         sp.add_argument("--dry-run", action="store_true", help="print the resolved config and stop")
+        sp.add_argument("--allow-unconverged", action="store_true",
+                        help="mark (instead of stopping at) solves that miss their tolerance by 100x")
         sp.add_argument("--quiet", action="store_true", help="no progress bars")
         sp.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
         sp.add_argument("overrides", nargs="*", help="dotted overrides key=value, e.g. head.lam=0.3 seeds=[0,1]")
@@ -127,7 +129,8 @@ def _run_study(parser: argparse.ArgumentParser, name: str, argv: Sequence[str]) 
     if args.dry_run:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    ctx = Context(overwrite=args.overwrite, progress=not (args.quiet or _quiet()), verbose=args.verbose)
+    ctx = Context(overwrite=args.overwrite, progress=not (args.quiet or _quiet()), verbose=args.verbose,
+                  allow_unconverged=args.allow_unconverged)
     result = study.run(cfg, ctx)
     text = study.report(result)
     if text:

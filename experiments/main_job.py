@@ -26,7 +26,7 @@ __all__ = ["STUDY", "format_summary", "run"]
 
 def run(cfg: RunConfig, ctx: Context) -> Dict[str, Any]:
     """Run (or resume) the main job of ``cfg``; the summary also has the run directory."""
-    summary = run_main(cfg, overwrite=ctx.overwrite, progress=ctx.progress)
+    summary = run_main(cfg, overwrite=ctx.overwrite, progress=ctx.progress, allow_unconverged=ctx.allow_unconverged)
     return {**summary, "run_dir": f"{cfg.out_dir}/{cfg.name}"}
 
 
@@ -48,6 +48,7 @@ def format_summary(summary: Dict[str, Any]) -> str:
                                                    else f"{summary['auroc']:.4f}"),
         f"min per-class ESS/n_c: {summary['ess_ratio_min']:.3f}   mean weight clean "
         f"{_num(summary['mean_weight_clean'])} / corrupted {_num(corrupted)}",
+        ("converged" if summary.get("converged", True) else "NOT CONVERGED (marked; see summary.json convergence)"),
         f"time: total {summary['seconds']['total']:.1f}s (features {summary['seconds']['features']:.1f}s, "
         f"learned weights {summary['seconds']['learned']:.1f}s)",
     ]

@@ -52,6 +52,7 @@ class Context:
     overwrite: bool = False
     progress: bool = True
     verbose: int = 0
+    allow_unconverged: bool = False
 
 
 @dataclass(frozen=True)

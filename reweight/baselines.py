@@ -60,12 +60,12 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
 from .errors import NonFiniteError
-from .head import batch_grad, mean_ce, mean_ce_grad, solve_head
+from .head import HeadObjective, batch_grad, mean_ce, mean_ce_grad, solve_head
 from .hypergrad import BilevelProblem
 from .persample import per_sample_inner_products
 from .registry import Registry
@@ -76,8 +76,12 @@ __all__ = [
     "BASELINES",
     "BaselineResult",
     "ClassBalanced",
+    "CleanOnly",
+    "KNNClean",
     "LearningToReweight",
+    "LossFilter",
     "MetaWeightNet",
+    "TrainPlusClean",
     "Uniform",
     "class_balanced_weights",
     "make_baseline",
@@ -97,7 +101,9 @@ class BaselineResult:
         W_sgd: ``(K, D)`` the baseline's own SGD-trained head (L2RW, MWN), else None.
         seconds: wall time of the baseline (weights + head).
         history: one dict per epoch (SGD baselines): mean training loss, validation loss.
-        extra: method-specific diagnostics.
+        extra: method-specific diagnostics (the knob chosen on meta-val and every candidate's score).
+        score: ``(n,)`` how clean each training sample looks to the method (higher = cleaner; for the
+            detection table), when the method has such a score.
     """
 
     name: str
@@ -107,6 +113,7 @@ class BaselineResult:
     seconds: float = 0.0
     history: List[Dict[str, float]] = field(default_factory=list)
     extra: Dict[str, Any] = field(default_factory=dict)
+    score: Optional[torch.Tensor] = None
 
 
 def _sum_to_n(w: torch.Tensor) -> torch.Tensor:
@@ -353,6 +360,207 @@ class MetaWeightNet(_SGDSchedule):
         W_final = _final_head(problem, alpha, self.head_grad_tol, self.head_max_iter)
         return BaselineResult("mwn", alpha.detach(), W_final, W_sgd=W, seconds=time.perf_counter() - t0,
                               history=history, extra={"steps": self.epochs * math.ceil(n / self.batch_size)})
+
+
+# ------------------------------------------------------------------------------------------------
+# baselines on the trusted set (issue 12): each tunes its one knob on meta-val only
+# ------------------------------------------------------------------------------------------------
+
+
+def _select(problem: BilevelProblem, candidates: Sequence[Tuple[Any, torch.Tensor]]) -> Tuple[Any, torch.Tensor, list]:
+    """The candidate ``(knob, W)`` with the lowest meta-val loss (ties: higher accuracy, then the first).
+
+    Without meta-val the first candidate (the knob's default) is returned. Returns ``(knob, W, table)``.
+    """
+    table = []
+    best = None
+    for knob, W in candidates:
+        loss, acc = problem.meta_val_score(W)
+        table.append({"knob": knob, "meta_val_loss": loss, "meta_val_acc": acc})
+        key = (loss, -acc)
+        if problem.has_meta_val and (best is None or key < best[0]):
+            best = (key, knob, W)
+    if best is None:
+        knob, W = candidates[0]
+        return knob, W, table
+    return best[1], best[2], table
+
+
+def _head_on(problem: BilevelProblem, X: torch.Tensor, y: torch.Tensor, lam: float, grad_tol: float,
+             max_iter: int, alpha: Optional[torch.Tensor] = None) -> torch.Tensor:
+    obj = HeadObjective(X, y, problem.inner.K, lam)
+    a = torch.ones(X.shape[0], dtype=X.dtype, device=X.device) if alpha is None else alpha
+    return solve_head(obj, a, grad_tol=grad_tol, max_iter=max_iter).W
+
+
+def _stratified_folds(y: torch.Tensor, folds: int, seed: int) -> List[torch.Tensor]:
+    """Fold index of every sample (stratified round-robin over a seeded permutation per class)."""
+    g = torch_generator(seed, "cv_folds")
+    fold = torch.empty(y.numel(), dtype=torch.int64)
+    for c in torch.unique(y).tolist():
+        idx = torch.nonzero(y == c).flatten()
+        idx = idx[torch.randperm(idx.numel(), generator=g)]
+        fold[idx] = torch.arange(idx.numel()) % folds
+    return [torch.nonzero(fold == f).flatten() for f in range(folds)]
+
+
+@BASELINES.register("clean_only")
+@dataclass(frozen=True)
+class CleanOnly:
+    r"""A head trained on the trusted set alone (uniform weights), :math:`\lambda` by cross-validation inside it.
+
+    The reviewer's first question: with ``M`` clean samples, is reweighting ``n`` noisy ones any better
+    than dropping them? :math:`\lambda` is chosen from ``lam_factors`` times the run's :math:`\lambda` by
+    stratified ``folds``-fold cross-validation (mean held-out cross-entropy) on the whole trusted set
+    (meta-train and meta-val: the method uses no other data), then the head is refitted on all of it.
+    Detection score: the clean-only head's probability of each training sample's given label.
+    """
+
+    lam_factors: Tuple[float, ...] = (0.1, 0.3, 1.0, 3.0, 10.0, 30.0)
+    folds: int = 5
+    head_grad_tol: float = 1e-5
+    head_max_iter: int = 100
+    head_tol: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _head_options(self, "clean_only")
+        check_int(self.folds, "folds", "clean_only", minimum=2)
+        for f in self.lam_factors:
+            check_number(f, "lam_factors", "clean_only", low=0.0, low_open=True)
+
+    def fit(self, problem: BilevelProblem, seed: int = 0) -> BaselineResult:
+        t0 = time.perf_counter()
+        X, y = problem.trusted()
+        lam0 = problem.inner.lam
+        folds = _stratified_folds(y.cpu(), min(self.folds, int(torch.bincount(y).min())) if y.numel() else 2, seed)
+        folds = [f for f in folds if f.numel()]
+        cv = []
+        for fct in self.lam_factors:
+            losses = []
+            if len(folds) >= 2:
+                for f in folds:
+                    keep = torch.ones(y.numel(), dtype=torch.bool)
+                    keep[f] = False
+                    W = _head_on(problem, X[keep], y[keep], lam0 * fct, self.head_grad_tol, self.head_max_iter)
+                    losses.append(float(mean_ce(W, X[f], y[f])))
+            cv.append({"lam": lam0 * fct, "cv_loss": sum(losses) / len(losses) if losses else float("nan")})
+        best = min(cv, key=lambda r: (r["cv_loss"], abs(math.log(r["lam"] / lam0)))) if len(folds) >= 2 else \
+            {"lam": lam0}
+        W = _head_on(problem, X, y, best["lam"], self.head_grad_tol, self.head_max_iter)
+        Xtr, ytr = problem.inner.X, problem.inner.y
+        score = torch.softmax(Xtr @ W.T, dim=1).gather(1, ytr[:, None])[:, 0]
+        alpha = torch.zeros(problem.inner.n, dtype=Xtr.dtype, device=Xtr.device)
+        return BaselineResult("clean_only", alpha, W, seconds=time.perf_counter() - t0, score=score,
+                              extra={"lam_selected": best["lam"], "cv": cv, "n_trusted": int(y.numel())})
+
+
+@BASELINES.register("train_plus_clean")
+@dataclass(frozen=True)
+class TrainPlusClean:
+    """Uniform weights on the training split joined with the whole trusted set (no knob)."""
+
+    head_grad_tol: float = 1e-5
+    head_max_iter: int = 100
+    head_tol: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _head_options(self, "train_plus_clean")
+
+    def fit(self, problem: BilevelProblem, seed: int = 0) -> BaselineResult:
+        t0 = time.perf_counter()
+        Xt, yt = problem.trusted()
+        X = torch.cat([problem.inner.X, Xt])
+        y = torch.cat([problem.inner.y, yt])
+        W = _head_on(problem, X, y, problem.inner.lam, self.head_grad_tol, self.head_max_iter)
+        alpha = torch.ones(problem.inner.n, dtype=X.dtype, device=X.device)
+        return BaselineResult("train_plus_clean", alpha, W, seconds=time.perf_counter() - t0)
+
+
+@BASELINES.register("loss_filter")
+@dataclass(frozen=True)
+class LossFilter:
+    r"""Small-loss filtering: drop the highest-loss fraction under the uniform head, refit; the fraction on meta-val.
+
+    The uniform head :math:`W_u` gives every training sample its loss :math:`\ell(W_u h_i, y_i)`; the
+    fraction ``f`` of samples with the largest loss is dropped (weight 0) and the head refitted on the
+    rest. ``f`` is chosen from ``fractions`` by meta-val loss (0 = uniform is a candidate). Detection
+    score: :math:`-\ell_i` under the uniform head. (Han et al., "Co-teaching", NeurIPS 2018, for the
+    small-loss criterion.)
+    """
+
+    fractions: Tuple[float, ...] = (0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
+    head_grad_tol: float = 1e-5
+    head_max_iter: int = 100
+    head_tol: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _head_options(self, "loss_filter")
+        for f in self.fractions:
+            check_number(f, "fractions", "loss_filter", low=0.0, high=1.0, high_open=True)
+
+    def fit(self, problem: BilevelProblem, seed: int = 0) -> BaselineResult:
+        t0 = time.perf_counter()
+        inner = problem.inner
+        ones = torch.ones(inner.n, dtype=inner.X.dtype, device=inner.X.device)
+        Wu = solve_head(inner, ones, grad_tol=self.head_grad_tol, max_iter=self.head_max_iter).W
+        losses = inner.sample_losses(Wu)
+        order = torch.argsort(losses, descending=True, stable=True)
+        cands = []
+        for f in self.fractions:
+            a = ones.clone()
+            a[order[: int(round(f * inner.n))]] = 0.0
+            W = Wu if f == 0 else solve_head(inner, a, W0=Wu, grad_tol=self.head_grad_tol,
+                                             max_iter=self.head_max_iter).W
+            cands.append(((f, a), W))
+        (f, a), W, table = _select(problem, cands)
+        return BaselineResult("loss_filter", _sum_to_n(a), W, seconds=time.perf_counter() - t0, score=-losses,
+                              extra={"fraction_selected": f, "candidates": table})
+
+
+@BASELINES.register("knn_clean")
+@dataclass(frozen=True)
+class KNNClean:
+    r"""kNN cleaning: drop samples whose label disagrees with the majority of their ``k`` nearest neighbours.
+
+    Neighbours by cosine similarity of the training features (bias column excluded), among the
+    training samples themselves; ``k`` is chosen from ``ks`` by meta-val loss of the refitted head.
+    Detection score: the fraction of the ``k`` neighbours that share the sample's label. (Cover & Hart,
+    "Nearest neighbor pattern classification", 1967; Wilson's editing, IEEE SMC 1972.)
+    """
+
+    ks: Tuple[int, ...] = (5, 10, 20, 40)
+    head_grad_tol: float = 1e-5
+    head_max_iter: int = 100
+    head_tol: Optional[float] = None
+
+    def __post_init__(self) -> None:
+        _head_options(self, "knn_clean")
+        for k in self.ks:
+            check_int(k, "ks", "knn_clean", minimum=1)
+
+    def fit(self, problem: BilevelProblem, seed: int = 0) -> BaselineResult:
+        from .neighbors import brute_force_knn
+
+        t0 = time.perf_counter()
+        inner = problem.inner
+        X, y, K = inner.X, inner.y, inner.K
+        H = X[:, :-1] if bool((X[:, -1] == 1).all()) else X  # drop the constant bias column
+        kmax = min(max(self.ks), inner.n - 1)
+        nb = brute_force_knn(H, H, kmax + 1, metric="cosine").indices[:, 1:]  # the sample itself comes first
+        ones = torch.ones(inner.n, dtype=X.dtype, device=X.device)
+        cands, agree = [], {}
+        for k in self.ks:
+            kk = min(k, kmax)
+            votes = torch.zeros(inner.n, K, dtype=X.dtype, device=X.device)
+            votes.scatter_add_(1, y[nb[:, :kk]], torch.ones(inner.n, kk, dtype=X.dtype, device=X.device))
+            agree[k] = votes.gather(1, y[:, None])[:, 0] / kk
+            a = (votes.argmax(1) == y).to(X.dtype)
+            W = solve_head(inner, a if a.sum() > 0 else ones, grad_tol=self.head_grad_tol,
+                           max_iter=self.head_max_iter).W
+            cands.append(((k, a), W))
+        (k, a), W, table = _select(problem, cands)
+        return BaselineResult("knn_clean", _sum_to_n(a), W, seconds=time.perf_counter() - t0, score=agree[k],
+                              extra={"k_selected": k, "candidates": table})
 
 
 def make_baseline(name: str, options: Optional[Mapping[str, Any]] = None):

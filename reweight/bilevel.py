@@ -18,19 +18,19 @@ from __future__ import annotations
 import logging
 import math
 import time
-from dataclasses import dataclass
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import NonFiniteError
+from .errors import ConvergenceError, NonFiniteError
 from .head import HeadSolution, accuracy, solve_head
 from .hypergrad import BilevelProblem, HypergradMethod, hypergradient
 from .runs import RunDir
 from .validate import renamed_option
 from .weights import entropy_per_class, ess_per_class, initial_s
 
-__all__ = ["BilevelOutcome", "run_bilevel", "weight_auroc"]
+__all__ = ["MISS_FACTOR", "BilevelOutcome", "check_convergence", "convergence_summary", "run_bilevel", "weight_auroc"]
 
 log = logging.getLogger(__name__)
 
@@ -48,9 +48,56 @@ def weight_auroc(alpha: torch.Tensor, corrupted: torch.Tensor) -> float:
     return float(roc_auc_score(~c, alpha.detach().double().cpu().numpy()))
 
 
+#: a hypergradient whose relative residual exceeds this multiple of its method's rtol, or an inner
+#: solve whose gradient norm exceeds this multiple of grad_tol, stops the run (unless allowed)
+MISS_FACTOR = 100.0
+
+
+def convergence_summary(metrics: Sequence[Dict[str, Any]], final: Optional[HeadSolution] = None) -> Dict[str, Any]:
+    """Convergence of a run from its metrics rows: ``converged`` (every inner solve and hypergradient reached its
+    tolerance), the worst relative residual and inner gradient norm, the count of unconverged steps, and the
+    outer objective's first / last / lowest value (its trend)."""
+    res = [r["cg_rel_residual"] for r in metrics if r.get("cg_rel_residual") is not None
+           and math.isfinite(r["cg_rel_residual"])]
+    gns = [r["inner_grad_norm"] for r in metrics if r.get("inner_grad_norm") is not None]
+    bad = [r["step"] for r in metrics if not r.get("inner_converged", True) or not r.get("hypergrad_converged", True)]
+    obj = [r["objective"] for r in metrics if r.get("objective") is not None]
+    final_ok = final is None or final.converged
+    return {"converged": not bad and final_ok, "unconverged_steps": len(bad), "first_unconverged_step": bad[0] if bad else None,
+            "worst_rel_residual": max(res) if res else None, "worst_inner_grad_norm": max(gns) if gns else None,
+            "final_inner_grad_norm": final.grad_norm if final is not None else None,
+            "objective_first": obj[0] if obj else None, "objective_last": obj[-1] if obj else None,
+            "objective_min": min(obj) if obj else None}
+
+
+def check_convergence(step: int, method: str, hg: Any, sol: HeadSolution, rtol: Optional[float], grad_tol: float,
+                      allow_unconverged: bool) -> None:
+    """Stop the run (:class:`~reweight.errors.ConvergenceError`) when the inner solve or the hypergradient missed
+    its tolerance by more than :data:`MISS_FACTOR`, or the hypergradient diverged; with ``allow_unconverged`` the
+    step is only logged (and marked in the metrics and the summary)."""
+    problems = []
+    if not sol.converged and not sol.grad_norm <= MISS_FACTOR * grad_tol:
+        problems.append(f"the inner solve stopped at ||grad F|| = {sol.grad_norm:.3g} (grad_tol {grad_tol:.3g}; "
+                        f"raise head.max_iter or head.lam)")
+    rel = hg.rel_residual
+    if rtol is not None and rel == rel and not rel <= MISS_FACTOR * rtol:
+        problems.append(f"the hypergradient's relative residual is {rel:.3g} (rtol {rtol:.3g}; raise its max_iter, "
+                        f"or head.lam, or choose another method)")
+    if hg.extra.get("grad_norm_end") is not None and not hg.converged:
+        problems.append(f"the unrolled inner loop diverged (||grad F|| {hg.extra['grad_norm_start']:.3g} -> "
+                        f"{hg.extra['grad_norm_end']:.3g}; lower its lr)")
+    if not problems:
+        return
+    msg = f"Outer step {step}, method {method!r}: " + "; ".join(problems) + "."
+    if allow_unconverged:
+        log.warning("%s Continuing (allow_unconverged); the run is marked unconverged.", msg)
+        return
+    raise ConvergenceError(msg + " The run stops (pass --allow-unconverged to continue and mark it).")
+
+
 @dataclass
 class BilevelOutcome:
-    """Final ``s``, ``alpha``, head ``W``, the metrics rows and whether the run resumed."""
+    """Final ``s``, ``alpha``, head ``W``, the metrics rows, whether the run resumed, and its convergence."""
 
     s: torch.Tensor
     alpha: torch.Tensor
@@ -58,6 +105,7 @@ class BilevelOutcome:
     metrics: List[Dict[str, Any]]
     resumed_from: Optional[int]
     final_solution: HeadSolution
+    convergence: Dict[str, Any] = field(default_factory=dict)
 
 
 def _row(step: int, problem: BilevelProblem, alpha: torch.Tensor, sol: HeadSolution, hg, evals, corrupted,
@@ -96,7 +144,7 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
                 evals: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
                 corrupted: Optional[torch.Tensor] = None, method_name: str = "", progress: bool = False,
                 on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]] = None,
-                tol: Optional[float] = None) -> BilevelOutcome:
+                allow_unconverged: bool = False, tol: Optional[float] = None) -> BilevelOutcome:
     """Run (or resume) the outer loop for ``steps`` Adam steps of size ``lr`` on ``s``.
 
     Args:
@@ -110,10 +158,13 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
         evals: named ``(X, y)`` sets whose accuracy is logged each step (e.g. ``val``, ``test``).
         corrupted: ground-truth mask; logs the AUROC of ``alpha`` each step.
         on_step: called as ``on_step(row, alpha)`` after each step's metrics row is built.
+        allow_unconverged: log and mark (instead of stopping at) an inner solve or hypergradient that
+            misses its tolerance by more than :data:`MISS_FACTOR` (:func:`check_convergence`).
 
     Raises:
         NonFiniteError: when ``s``, the loss or the hypergradient becomes non-finite (the last good
             checkpoint stays in place).
+        ConvergenceError: when a step misses its tolerances by far (see ``allow_unconverged``).
     """
     from tqdm.auto import tqdm
 
@@ -157,6 +208,7 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
         if not math.isfinite(hg.objective):
             raise NonFiniteError(f"Outer step {step}: the objective (validation loss + penalties) is non-finite "
                                  f"(method {hg.method!r}).")
+        check_convergence(step, hg.method, hg, sol, getattr(method, "rtol", None), tol, allow_unconverged)
         row = _row(step, problem, alpha, sol, hg, evals, corrupted, t_inner)
         if not hg.converged:
             log.warning("Outer step %d: %s hypergradient did not reach its tolerance (relative residual %.2e).",
@@ -176,4 +228,4 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
     alpha = problem.weights.alpha(s.detach())
     final = solve_head(problem.inner, alpha, W0=W, grad_tol=tol, max_iter=max_iter)
     return BilevelOutcome(s=s.detach(), alpha=alpha.detach(), W=final.W, metrics=metrics, resumed_from=resumed,
-                          final_solution=final)
+                          final_solution=final, convergence=convergence_summary(metrics, final))

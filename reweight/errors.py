@@ -7,7 +7,8 @@ offending value and what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["CarrotError", "ConfigError", "DataError", "NonFiniteError", "RunDirError", "WarmupError"]
+__all__ = ["CarrotError", "ConfigError", "ConvergenceError", "DataError", "NonFiniteError", "RunDirError",
+           "WarmupError"]
 
 
 class CarrotError(Exception):
@@ -24,6 +25,10 @@ class DataError(CarrotError, ValueError):
 
 class NonFiniteError(CarrotError, FloatingPointError):
     """A loss, gradient or hypergradient became NaN/Inf during a run."""
+
+
+class ConvergenceError(CarrotError, RuntimeError):
+    """An inner solve or a hypergradient missed its tolerance by far (or diverged): its numbers cannot be trusted."""
 
 
 class RunDirError(CarrotError, RuntimeError):

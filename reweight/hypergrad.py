@@ -94,6 +94,9 @@ class BilevelProblem:
             target, e.g. one query of an attribution method: then only ``val_alpha_grad`` applies).
         all_classes: require every class in ``y_val`` (a validation split must hold them all; a
             single-query target need not).
+        X_meta_val, y_meta_val: the held-out part of the trusted set (meta-val), which alone selects
+            stopping steps and knobs (DESIGN section 5); ``None`` when nothing is held out. ``X_val``
+            is then the meta-train part, the one that drives the hypergradients.
     """
 
     inner: InnerObjective
@@ -101,6 +104,8 @@ class BilevelProblem:
     y_val: torch.Tensor
     weights: Optional[WeightModel] = None
     all_classes: bool = True
+    X_meta_val: Optional[torch.Tensor] = None
+    y_meta_val: Optional[torch.Tensor] = None
 
     def __post_init__(self) -> None:
         check_features(self.X_val, "validation features", dim=self.inner.shape[1])
@@ -109,6 +114,34 @@ class BilevelProblem:
         if self.weights is not None and self.weights.n != self.inner.n:
             raise ConfigError(f"Weight model has {self.weights.n} samples but the training set has {self.inner.n}.")
         self.y_val = torch.as_tensor(self.y_val).to(self.X_val.device)
+        if (self.X_meta_val is None) != (self.y_meta_val is None):
+            raise ConfigError("BilevelProblem needs both X_meta_val and y_meta_val, or neither.")
+        if self.X_meta_val is not None and self.y_meta_val is not None:
+            check_features(self.X_meta_val, "meta-val features", dim=self.inner.shape[1])
+            check_labels(self.y_meta_val, self.inner.K, "meta-val labels", n=self.X_meta_val.shape[0],
+                         require_all_classes=False)
+            self.y_meta_val = torch.as_tensor(self.y_meta_val).to(self.X_meta_val.device)
+
+    @property
+    def has_meta_val(self) -> bool:
+        """Whether a held-out meta-val part of the trusted set exists."""
+        return self.X_meta_val is not None and self.X_meta_val.shape[0] > 0
+
+    def trusted(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The whole trusted set: meta-train rows then meta-val rows."""
+        if not self.has_meta_val:
+            return self.X_val, self.y_val
+        assert self.X_meta_val is not None and self.y_meta_val is not None
+        return torch.cat([self.X_val, self.X_meta_val]), torch.cat([self.y_val, self.y_meta_val])
+
+    def meta_val_score(self, W: torch.Tensor) -> Tuple[float, float]:
+        """``(mean CE, accuracy)`` of the head ``W`` on meta-val (NaNs without meta-val): the selection criterion."""
+        if not self.has_meta_val:
+            return float("nan"), float("nan")
+        assert self.X_meta_val is not None and self.y_meta_val is not None
+        loss = float(mean_ce(W, self.X_meta_val, self.y_meta_val))
+        acc = float(((self.X_meta_val @ W.T).argmax(1) == self.y_meta_val).double().mean())
+        return loss, acc
 
     def val_loss(self, W: torch.Tensor) -> torch.Tensor:
         r""":math:`L_{val}(W)`: mean validation cross-entropy (no L2 term)."""

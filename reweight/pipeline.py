@@ -215,7 +215,8 @@ def evaluate_head(W: torch.Tensor, evals: Evals) -> Dict[str, float]:
 def learn_weights(cfg: RunConfig, problem: BilevelProblem, *, evals: Optional[Evals] = None,
                   corrupted: Optional[torch.Tensor] = None, run: Optional[RunDir] = None, progress: bool = False,
                   method: Optional[HypergradMethod] = None,
-                  on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]] = None) -> BilevelOutcome:
+                  on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]] = None,
+                  allow_unconverged: bool = False) -> BilevelOutcome:
     """The outer loop of ``cfg`` (its hypergradient method, steps, lr, inner solver) on ``problem``.
 
     ``evals`` are logged each step, ``corrupted`` (ground truth, when known) gives the AUROC of the
@@ -225,7 +226,7 @@ def learn_weights(cfg: RunConfig, problem: BilevelProblem, *, evals: Optional[Ev
     return run_bilevel(problem, method, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.grad_tol,
                        max_iter=cfg.head.max_iter, checkpoint_every=cfg.outer.checkpoint_every, run=run,
                        evals=evals, corrupted=corrupted, method_name=cfg.hypergrad.method,
-                       progress=progress, on_step=on_step)
+                       progress=progress, on_step=on_step, allow_unconverged=allow_unconverged)
 
 
 def _tensorboard_writer_cls() -> Any:
@@ -252,11 +253,15 @@ def _tb_logger(writer: Any) -> Callable[[Dict[str, Any], torch.Tensor], None]:
     return log_step
 
 
-def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> Dict[str, Any]:
+def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
+             allow_unconverged: bool = False) -> Dict[str, Any]:
     """Run (or resume) the main job of ``cfg``: uniform vs learned weights on the frozen features.
 
     Writes the run directory ``<out_dir>/<name>`` (config, env, metrics, checkpoints, ``weights.pt``,
-    ``per_class_ess.csv``, ``summary.json``, ``DONE``) and returns the summary.
+    ``per_class_ess.csv``, ``summary.json``, ``DONE``) and returns the summary. A step that misses its
+    tolerances by far stops the run (:func:`reweight.bilevel.check_convergence`); with
+    ``allow_unconverged`` it is marked instead (``summary["converged"]`` is False and analysis skips it
+    unless asked).
     """
     import pandas as pd
 
@@ -289,7 +294,8 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> 
         t_uniform = time.perf_counter() - t0
         t0 = time.perf_counter()
         out = learn_weights(cfg, problem, evals=setup.evals, corrupted=fs.corrupted, run=run, progress=progress,
-                            method=method, on_step=_tb_logger(writer) if writer else None)
+                            method=method, on_step=_tb_logger(writer) if writer else None,
+                            allow_unconverged=allow_unconverged)
         t_learned = time.perf_counter() - t0
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
@@ -325,6 +331,8 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True) -> 
         "mean_weight_clean": float(out.alpha[clean].mean()) if known and clean.any() else None,
         "mean_weight_corrupted": float(out.alpha[~clean].mean()) if known and (~clean).any() else None,
         "outer_steps": len(out.metrics), "resumed_from": out.resumed_from,
+        "converged": bool(out.convergence.get("converged", True) and uni.converged),
+        "convergence": {**out.convergence, "uniform_head_grad_norm": uni.grad_norm},
         "seconds": {"features": t_features, "uniform_head": t_uniform, "learned": t_learned,
                     "total": time.perf_counter() - t_start},
         "config_hash": run.hash, "device": str(device), "source": fs.meta.get("source"), "identity": identity,
