@@ -158,6 +158,11 @@ def test_imagefolder_end_to_end_and_export_maps_every_weight_to_its_file(tmp_pat
         assert (f["train"] / row["id"]).is_file()
     w = load_checked(d / "weights.pt")
     np.testing.assert_allclose(df["alpha"].to_numpy(), w["alpha"].double().numpy(), rtol=1e-8)
+    capsys.readouterr()
+    assert main(["runs", "list", str(tmp_path / "runs")]) == 0
+    assert "auroc unknown" in capsys.readouterr().out
+    assert main(["weights", "export", str(tmp_path)]) == 2
+    assert "No weights.pt" in capsys.readouterr().err
 
 
 def test_imagefolder_without_test_dir_splits_the_training_folder(tmp_path):
