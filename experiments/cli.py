@@ -6,6 +6,7 @@ Usage::
     carrot runs list [ROOT]                      # status and key numbers of every run below ROOT
     carrot table NAME RUN_DIR... --out DIR       # one paper table (CSV, Markdown, LaTeX)
     carrot figure NAME RUN_DIR... --out STEM     # one paper figure (PDF, PNG)
+    carrot weights export RUN_DIR [--out FILE]   # the learned weights per sample (CSV, + parquet with pyarrow)
 
 Examples::
 
@@ -97,6 +98,14 @@ def build_parser(studies: Optional[Sequence[str]] = None) -> argparse.ArgumentPa
     fg.add_argument("name")
     fg.add_argument("runs", nargs="+")
     fg.add_argument("--out", required=True, help="output stem (writes STEM.pdf and STEM.png)")
+    wt = sub.add_parser("weights", help="export learned weights")
+    wt_sub = wt.add_subparsers(dest="weights_command", required=True)
+    we = wt_sub.add_parser("export", help="write index,id,label,alpha (+ corrupted, + scores) per training sample",
+                           description="Example: carrot weights export runs/main --out weights.csv. Writes CSV, and "
+                                       "parquet beside it when pyarrow is installed; id is the image path relative to "
+                                       "data.train_dir, the id given in the embeddings file, or the sample's index.")
+    we.add_argument("run_dir")
+    we.add_argument("--out", default=None, help="output CSV file (default: RUN_DIR/weights.csv)")
     p.set_defaults(study_parsers=study_parsers)
     return p
 
@@ -143,8 +152,9 @@ def _runs_list(root: Path) -> int:
         if (d / "summary.json").is_file():
             s = json.loads((d / "summary.json").read_text())
             if "learned" in s and "uniform" in s:
+                auroc = s.get("auroc")
                 info = (f"test uniform {s['uniform']['test_acc']:.4f} learned {s['learned']['test_acc']:.4f} "
-                        f"auroc {s.get('auroc', float('nan')):.3f}")
+                        f"auroc {'unknown' if auroc is None else format(auroc, '.3f')}")
             elif "test_acc" in s:
                 info = f"test {s['test_acc']:.4f}"
             if s.get("converged") is False:
@@ -177,6 +187,15 @@ def _figure(args: argparse.Namespace) -> int:
     return 0
 
 
+def _weights_export(args: argparse.Namespace) -> int:
+    from reweight.export import write_weights_table
+
+    out = Path(args.out) if args.out else Path(args.run_dir) / "weights.csv"
+    for path in write_weights_table(args.run_dir, out):
+        print(path)
+    return 0
+
+
 def _logging(verbose: int) -> None:
     logging.basicConfig(level=[logging.WARNING, logging.INFO, logging.DEBUG][min(verbose, 2)],
                         format="%(levelname)s %(name)s: %(message)s", force=True)
@@ -190,7 +209,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         if first is not None and argv[first] in STUDIES:
             _logging(argv[:first].count("-v") + argv[:first].count("--verbose"))
             return _run_study(build_parser([argv[first]]), argv[first], argv[:first] + argv[first + 1:])
-        known = first is not None and argv[first] in ("runs", "table", "figure")
+        known = first is not None and argv[first] in ("runs", "table", "figure", "weights")
         parser = build_parser([] if known else None)
         args = parser.parse_args(argv)
         _logging(args.verbose)
@@ -200,6 +219,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             return _table(args)
         if args.command == "figure":
             return _figure(args)
+        if args.command == "weights":
+            return _weights_export(args)
         parser.error(f"unknown command {args.command!r}")
     except CarrotError as e:
         print(f"error: {e}", file=sys.stderr)

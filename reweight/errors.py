@@ -7,7 +7,8 @@ offending value and what to do about it.
 
 from __future__ import annotations
 
-__all__ = ["CarrotError", "ConfigError", "ConvergenceError", "DataError", "NonFiniteError", "RunDirError"]
+__all__ = ["CarrotError", "ConfigError", "ConvergenceError", "DataError", "NonFiniteError", "RunDirError",
+           "WarmupError"]
 
 
 class CarrotError(Exception):
@@ -32,3 +33,7 @@ class ConvergenceError(CarrotError, RuntimeError):
 
 class RunDirError(CarrotError, RuntimeError):
     """A run directory is missing, incomplete, corrupted or belongs to another config."""
+
+
+class WarmupError(CarrotError, RuntimeError):
+    """The backbone warm-up failed to learn (its clean-validation accuracy stayed at chance)."""

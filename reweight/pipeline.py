@@ -31,9 +31,9 @@ import torch
 
 from .attribution.base import AttributionProblem
 from .bilevel import BilevelOutcome, run_bilevel, weight_auroc
-from .config import RunConfig
+from .config import EMBEDDED_DATASETS, RunConfig
 from .errors import ConfigError
-from .features import FeatureSet, build_features
+from .features import FeatureSet, build_features, run_identity
 from .head import HeadObjective, accuracy, add_bias, mean_ce, solve_head
 from .hypergrad import BilevelProblem, HypergradMethod, make_method
 from .runs import RunDir, save_checked
@@ -117,8 +117,10 @@ def preflight(cfg: RunConfig, *, run_dir: bool = True) -> None:
 
     The hypergradient method and its options, the device, the output and cache directories (writable
     directories, not files), the run directory (not a file), the backbone (a timm model name, with close
-    matches on a typo; the weights file exists), TensorBoard when asked. Config values themselves are
-    validated when the config is built (:mod:`reweight.config`).
+    matches on a typo; the weights file exists; not for precomputed embeddings), the data paths of a user
+    source (:func:`reweight.sources.check_source_paths`; the content is checked by
+    :func:`reweight.sources.load_source`, also before the run directory exists), TensorBoard when asked.
+    Config values themselves are validated when the config is built (:mod:`reweight.config`).
 
     Raises:
         ConfigError: naming the key, the value and what is allowed.
@@ -131,9 +133,14 @@ def preflight(cfg: RunConfig, *, run_dir: bool = True) -> None:
         target = Path(cfg.out_dir) / cfg.name
         if target.exists() and not target.is_dir():
             raise ConfigError(f"The 'name' parameter names a file: {str(target)!r} exists and is not a run directory.")
+    if cfg.data.dataset not in EMBEDDED_DATASETS:
+        from .sources import check_source_paths
+
+        check_source_paths(cfg.data)
     from .backbones import check_model_name
 
-    check_model_name(cfg.backbone.model, "'backbone.model' parameter")
+    if cfg.data.dataset != "embeddings":  # precomputed features: no backbone
+        check_model_name(cfg.backbone.model, "'backbone.model' parameter")
     if cfg.backbone.pretrained_file is not None and not Path(cfg.backbone.pretrained_file).is_file():
         raise ConfigError(f"The 'backbone.pretrained_file' parameter must be an existing file. "
                           f"Got {cfg.backbone.pretrained_file!r} instead.")
@@ -141,13 +148,18 @@ def preflight(cfg: RunConfig, *, run_dir: bool = True) -> None:
         _tensorboard_writer_cls()
 
 
-def features(cfg: RunConfig, progress: bool = False) -> FeatureSet:
-    """Data -> splits and corruption -> warmed-up frozen backbone -> cached features, for ``cfg``."""
-    return build_features(cfg.data, cfg.backbone, cfg.features, cfg.seed, progress=progress)
+def features(cfg: RunConfig, progress: bool = False, source: Any = None) -> FeatureSet:
+    """Data -> splits and corruption -> warmed-up frozen backbone -> cached features, for ``cfg``.
+
+    The warm-up and the extraction run on ``cfg.device``; ``source`` is the user source already loaded by
+    :func:`reweight.sources.load_source` (loaded here when None).
+    """
+    return build_features(cfg.data, cfg.backbone, cfg.features, cfg.seed, device=resolve_device(cfg.device),
+                          progress=progress, source=source)
 
 
 def _prep(cfg: RunConfig, x: torch.Tensor, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-    x = x.to(torch.device(cfg.device), dtype or getattr(torch, cfg.head.dtype))
+    x = x.to(resolve_device(cfg.device), dtype or getattr(torch, cfg.head.dtype))
     return add_bias(x) if cfg.head.bias else x
 
 
@@ -163,7 +175,7 @@ def bilevel_problem(cfg: RunConfig, X_train: torch.Tensor, y_train: torch.Tensor
     r"""The bilevel problem of ``cfg`` on raw features: the L2 head of ``cfg.head`` (bias column, dtype, device)
     on the training rows, the weight model of ``cfg.weights``, the clean validation rows that drive the
     hypergradients."""
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device)
     inner = HeadObjective(_prep(cfg, X_train), y_train.to(dev), num_classes, cfg.head.lam)
     return BilevelProblem(inner, _prep(cfg, X_val), y_val.to(dev), weight_model(cfg, y_train.to(dev), num_classes))
 
@@ -173,7 +185,7 @@ def head_problem(cfg: RunConfig, fs: FeatureSet) -> HeadSetup:
 
     Evaluation sets: ``val`` (the clean validation split that drives the hypergradients) and ``test``.
     """
-    dev = torch.device(cfg.device)
+    dev = resolve_device(cfg.device)
     problem = bilevel_problem(cfg, fs.X_train, fs.y_train, fs.X_val, fs.y_val, fs.num_classes)
     evals = {"val": (problem.X_val, problem.y_val), "test": (_prep(cfg, fs.X_test), fs.y_test.to(dev))}
     return HeadSetup(problem=problem, evals=evals, features=fs)
@@ -288,12 +300,19 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
         torch.set_num_threads(cfg.threads)
     method = make_method(cfg.hypergrad.method, cfg.hypergrad.options)
     tb_writer_cls = _tensorboard_writer_cls() if cfg.tensorboard else None
-    run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=overwrite)
-    run.write_env(cfg.seed, cfg.device)
+    device = resolve_device(cfg.device)
+    source = None
+    if cfg.data.dataset not in EMBEDDED_DATASETS:  # bad data is one clear error before the run directory exists
+        from .sources import load_source
+
+        source = load_source(cfg.data, cfg.backbone, progress=progress)
+    identity = run_identity(cfg.data, cfg.backbone, source)
+    run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=overwrite, identity=identity)
+    run.write_env(cfg.seed, str(device))
     writer = tb_writer_cls(str(run.file("tensorboard"))) if tb_writer_cls else None
     try:
         t0 = time.perf_counter()
-        fs = features(cfg, progress=progress)
+        fs = features(cfg, progress=progress, source=source)
         t_features = time.perf_counter() - t0
         setup = head_problem(cfg, fs)
         problem = setup.problem
@@ -320,10 +339,15 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     after = pd.DataFrame(class_report(out.alpha, fs.y_train, K, fs.corrupted)).assign(stage="learned")
     table = pd.concat([before, after], ignore_index=True)
     run.write_text("per_class_ess.csv", table.to_csv(index=False, float_format="%.6g"))
+    def cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.cpu()
+
     save_checked(run.file("weights.pt"), {"s": out.s.cpu(), "alpha": out.alpha.cpu(), "labels": fs.y_train.cpu(),
-                                          "clean_labels": fs.y_train_clean.cpu(), "corrupted": fs.corrupted.cpu(),
-                                          "train_index": fs.train_index.cpu()})
-    clean = ~fs.corrupted.bool()
+                                          "clean_labels": cpu(fs.y_train_clean), "corrupted": cpu(fs.corrupted),
+                                          "train_index": fs.train_index.cpu(), "ids": fs.train_ids,
+                                          "id_root": fs.meta.get("id_root")})
+    known = fs.corrupted is not None
+    clean = ~fs.corrupted.bool() if fs.corrupted is not None else torch.ones_like(out.alpha, dtype=torch.bool)
     summary = {
         "dataset": cfg.data.dataset, "noise": cfg.data.noise, "noise_rate": cfg.data.noise_rate,
         "imbalance_factor": cfg.data.imbalance_factor, "method": cfg.hypergrad.method, "seed": cfg.seed,
@@ -331,16 +355,17 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
         "feature_dim": fs.meta["feature_dim"], "feature_cache_hit": fs.meta["cache_hit"],
         "warmup_best_val_acc": max((h["val_acc"] for h in fs.meta["warmup_history"]), default=None),
         "uniform": evaluate_head(uni.W, setup.evals), "learned": evaluate_head(out.W, setup.evals),
-        "auroc": weight_auroc(out.alpha, fs.corrupted),
+        "auroc": weight_auroc(out.alpha, fs.corrupted) if fs.corrupted is not None else None,
         "ess_ratio_min": float(after["ess_ratio"].min()),
-        "mean_weight_clean": float(out.alpha[clean].mean()) if clean.any() else None,
-        "mean_weight_corrupted": float(out.alpha[~clean].mean()) if (~clean).any() else None,
+        "mean_weight_clean": float(out.alpha[clean].mean()) if known and clean.any() else None,
+        "mean_weight_corrupted": float(out.alpha[~clean].mean()) if known and (~clean).any() else None,
         "outer_steps": len(out.metrics), "resumed_from": out.resumed_from,
         "converged": bool(out.convergence.get("converged", True) and uni.converged),
         "convergence": {**out.convergence, "uniform_head_grad_norm": uni.grad_norm},
         "seconds": {"features": t_features, "uniform_head": t_uniform, "learned": t_learned,
                     "total": time.perf_counter() - t_start},
-        "config_hash": run.hash,
+        "config_hash": run.hash, "device": str(device), "source": fs.meta.get("source"), "identity": identity,
+        "provenance": fs.meta.get("provenance"),
     }
     run.finish(summary)
     return summary

@@ -3,7 +3,9 @@
 Layout of a run directory::
 
     config.yaml        the resolved config (written first)
-    config_hash        hash of the config; a rerun with another config is refused
+    config_hash        hash of the config (and of the identity); a rerun with another config is refused
+    identity.json      content hashes the numbers depend on beyond the config (data, labels file, backbone
+                       weights), when there are any; a rerun on other content is refused
     env.json           package versions, git commit, python, platform, device, seed
     metrics.jsonl      one JSON line per outer step (rewritten atomically each step)
     checkpoints/       step_XXXXXX.pt + step_XXXXXX.pt.sha256 (the last ``keep`` of them)
@@ -181,6 +183,11 @@ def config_diff(old_yaml: Path, cfg: Any, limit: int = 8) -> str:
     return "; ".join(parts) + (f"; ... (+{len(keys) - limit} more)" if len(keys) > limit else "") if keys else "none"
 
 
+def _joined(*diffs: str) -> str:
+    parts = [d for d in diffs if d and d != "none"]
+    return "; ".join(parts) if parts else "none"
+
+
 def run_status(path: str | Path) -> str:
     """``finished`` (DONE), ``failed`` (FAILED), ``incomplete`` (killed or running) or ``empty``."""
     p = Path(path)
@@ -200,22 +207,31 @@ class RunDir:
         path: the directory.
         cfg: the resolved config dataclass (its hash guards the directory).
         overwrite: allow reusing a directory created by a different config (its files are replaced).
+        identity: ``key -> content hash`` of what the run depends on beyond its config (the data's
+            fingerprint, the labels file, the backbone weights file; see
+            :func:`reweight.features.run_identity`). It enters the run's hash, so the same config on other
+            data is another run; empty/None leaves the hash of the config alone.
 
     Raises:
-        RunDirError: if ``path`` holds a run of a different config and ``overwrite`` is False.
+        RunDirError: if ``path`` holds a run of a different config or identity and ``overwrite`` is False
+            (the message names the differing keys).
     """
 
-    def __init__(self, path: str | Path, cfg: Any, overwrite: bool = False, keep: int = 2):
+    def __init__(self, path: str | Path, cfg: Any, overwrite: bool = False, keep: int = 2,
+                 identity: Optional[Dict[str, str]] = None):
         self.path = Path(path)
         self.cfg = cfg
         self.keep = keep
+        self.identity = dict(sorted((identity or {}).items()))
         self.hash = config_hash(cfg)
+        if self.identity:
+            self.hash = sha256_bytes((self.hash + json.dumps(self.identity, sort_keys=True)).encode())[:16]
         self.aside: Optional[Path] = None
         if self.path.exists() and not self.path.is_dir():
             raise RunDirError(f"Run directory {self.path} is a file, not a directory. Choose another name or out_dir.")
         old = self.path / "config_hash"
         if old.is_file() and old.read_text().strip() != self.hash:
-            diff = config_diff(self.path / "config.yaml", cfg)
+            diff = _joined(config_diff(self.path / "config.yaml", cfg), self._identity_diff())
             if not overwrite:
                 raise RunDirError(
                     f"Run directory {self.path} holds a run of a different config (differing keys: {diff}). "
@@ -229,7 +245,22 @@ class RunDir:
         self.remove_stale_temporaries()
         atomic_write_text(self.path / "config.yaml", yaml.safe_dump(to_dict(cfg), sort_keys=False))
         atomic_write_text(self.path / "config_hash", self.hash + "\n")
+        if self.identity:
+            self.write_json("identity.json", self.identity)
+        else:
+            (self.path / "identity.json").unlink(missing_ok=True)
         (self.path / "FAILED").unlink(missing_ok=True)
+
+    def _identity_diff(self) -> str:
+        """``key: old -> new`` for the identity keys that differ from the run on disk ("none" if none)."""
+        p = self.path / "identity.json"
+        try:
+            old = json.loads(p.read_text()) if p.is_file() else {}
+        except (OSError, ValueError):
+            return "identity.json: (unreadable)"
+        keys = sorted(k for k in set(old) | set(self.identity) if old.get(k) != self.identity.get(k))
+        short = lambda v: "(absent)" if v is None else str(v)[:12]  # noqa: E731
+        return "; ".join(f"{k}: {short(old.get(k))} -> {short(self.identity.get(k))}" for k in keys) or "none"
 
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files a killed writer left behind (``.<name>.*.tmp``); returns how many."""

@@ -39,6 +39,7 @@ References:
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import random
 import time
@@ -63,7 +64,7 @@ from .backbones import (
     weighted_ce,
 )
 from .bilevel import weight_auroc
-from .config import DataConfig, RunConfig, StageConfig
+from .config import EMBEDDED_DATASETS, DataConfig, RunConfig, StageConfig
 from .data import load_dataset, prepare_data
 from .errors import ConfigError, RunDirError
 from .features import extract_features, standardize
@@ -118,6 +119,10 @@ def staged_data(data: DataConfig, seed: int, dataset: Any = None) -> StagedData:
     ``dataset`` may be any :class:`reweight.data.Dataset`, e.g. from
     :func:`reweight.imagefolder.load_imagefolder`.
     """
+    if dataset is None and data.dataset not in EMBEDDED_DATASETS:
+        raise ConfigError(f"Staged runs read an embedded dataset (data.dataset=digits or mnist5k) or a Dataset passed "
+                          f"in (reweight.imagefolder.load_imagefolder). Got data.dataset={data.dataset!r}; user sources "
+                          f"run through `carrot run` (docs/bring_your_own_data.md).")
     ds = dataset if dataset is not None else load_dataset(data.dataset)
     sp = prepare_data(ds, data.val_fraction, data.test_fraction, data.noise, data.noise_rate,
                       data.imbalance_factor, seed)
@@ -419,6 +424,8 @@ def run_staged(cfg: RunConfig, data: Optional[StagedData] = None, run: Optional[
     check_model_name(cfg.backbone.model)
     if run is None:
         run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=overwrite)
+    # every stage, extraction and head on the resolved device ('auto' -> cuda/mps/cpu); recorded in env.json
+    cfg = dataclasses.replace(cfg, device=str(pipeline.resolve_device(cfg.device)))
     run.write_env(cfg.seed, cfg.device)
     data = data if data is not None else staged_data(cfg.data, cfg.seed)
     model = _build_model(cfg, data)

@@ -6,7 +6,7 @@ import json
 import pytest
 import yaml
 
-from reweight.config import RunConfig, apply_overrides, config_hash, from_dict, load_config, to_dict
+from reweight.config import BackboneConfig, DataConfig, RunConfig, apply_overrides, config_hash, from_dict, load_config, to_dict
 from reweight.errors import ConfigError
 
 
@@ -124,11 +124,19 @@ def test_stages_in_runconfig():
         load_config(None, ["stages=[{name: a}, {name: a}]"])
     with pytest.raises(ConfigError, match=r"The 'stages\[a\]\.min_epochs' parameter must be >= 0"):
         load_config(None, ["stages=[{name: a, min_epochs: -1}]"])
-    # a head-only run (no stages) hashes as before the field existed
+    # a head-only run (no stages) hashes as before the field existed; so do the data-source keys at their
+    # defaults, and backbone.allow_chance never enters the hash (it decides whether a run goes on)
     d = to_dict(RunConfig())
     assert d.pop("stages") == []
     for k in ("name", "out_dir"):
         d.pop(k)
+    for k in ("train_dir", "trusted_dir", "test_dir", "train_file", "trusted_file", "test_file", "label_column",
+              "id_column", "name", "root", "image_size", "normalize", "labels_file", "labels_key", "clean_labels_key"):
+        d["data"].pop(k)
+    d["backbone"].pop("allow_chance")
+    assert config_hash(RunConfig(backbone=BackboneConfig(allow_chance=True))) == config_hash(RunConfig())
+    assert config_hash(RunConfig(data=DataConfig(image_size=8, dataset="torchvision", name="MNIST", root="r"))) \
+        != config_hash(RunConfig(data=DataConfig(dataset="torchvision", name="MNIST", root="r")))
     assert config_hash(RunConfig()) == hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -13,10 +13,13 @@ from reweight.runs import load_checked, run_status
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# One warm-up epoch on digits stays at chance (a BatchNorm net needs a few epochs there): these tests check the
+# run directory, not the features, so they go on (backbone.allow_chance=true).
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("e2e")
-    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "outer.steps=4", "outer.checkpoint_every=2",
+    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "backbone.allow_chance=true", "outer.steps=4",
+            "outer.checkpoint_every=2",
             f"out_dir={base / 'runs'}", f"features.cache_dir={base / 'cache'}"]
     assert main(args + ["name=a"]) == 0
     assert main(args + ["name=b"]) == 0  # same config, other directory: features come from the cache
@@ -51,7 +54,8 @@ def test_second_run_hits_cache_and_gives_identical_tables(runs):
 
 def test_rerun_of_finished_run_resumes_from_last_checkpoint(runs, capsys):
     base = runs.parent
-    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "outer.steps=4", "outer.checkpoint_every=2",
+    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "backbone.allow_chance=true", "outer.steps=4",
+            "outer.checkpoint_every=2",
             f"out_dir={runs}", f"features.cache_dir={base / 'cache'}", "name=a"]
     assert main(args) == 0
     assert json.loads((runs / "a" / "summary.json").read_text())["resumed_from"] == 4
@@ -83,7 +87,7 @@ def test_every_command_has_help(cmd):
 
 
 def test_tensorboard_logging(tmp_path):
-    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "outer.steps=2", "tensorboard=true",
+    args = ["run", "--quiet", "data.dataset=digits", "backbone.epochs=1", "backbone.allow_chance=true", "outer.steps=2", "tensorboard=true",
             f"out_dir={tmp_path / 'runs'}", f"features.cache_dir={tmp_path / 'cache'}", "name=tb"]
     assert main(args) == 0
     events = list((tmp_path / "runs" / "tb" / "tensorboard").glob("events.out.tfevents.*"))

@@ -27,7 +27,9 @@ from .create import (
                      check_checkpoint,
                      check_model_name,
                      create_backbone,
+                     model_data_config,
                      model_in_chans,
+                     model_transform,
 )
 from .freeze import (
                      FreezeError,
@@ -76,7 +78,9 @@ __all__ = [
     "frozen_bn_names",
     "head_parameter_names",
     "model_accuracy",
+    "model_data_config",
     "model_in_chans",
+    "model_transform",
     "param_groups",
     "resolve_selectors",
     "restore_freeze_state",

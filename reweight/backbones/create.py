@@ -31,7 +31,9 @@ __all__ = [
     "check_checkpoint",
     "check_model_name",
     "create_backbone",
+    "model_data_config",
     "model_in_chans",
+    "model_transform",
 ]
 
 
@@ -222,3 +224,18 @@ def backbone_transform(model: torch.nn.Module, is_training: bool = False, **over
 
     cfg = backbone_data_config(model, **overrides)
     return create_transform(**cfg, is_training=is_training)
+
+
+def model_data_config(name: str, in_chans: int = 3, **overrides: Any) -> Dict[str, Any]:
+    """:func:`backbone_data_config` of timm model ``name`` without allocating its weights (meta device).
+
+    For preprocessing user images before the backbone exists (the data is checked before any work).
+    """
+    return backbone_data_config(_meta_model(name, 0, in_chans), **overrides)
+
+
+def model_transform(name: str, in_chans: int = 3, is_training: bool = False, **overrides: Any):
+    """``timm.data.create_transform`` of :func:`model_data_config` (eval transform by default)."""
+    from timm.data import create_transform
+
+    return create_transform(**model_data_config(name, in_chans, **overrides), is_training=is_training)
