@@ -41,13 +41,14 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
-from reweight.config import RunConfig, help_field as _f
+from reweight.config import RunConfig
+from reweight.config import help_field as _f
 from reweight.errors import ConfigError, NonFiniteError
 from reweight.pipeline import head_problem
 
 from .study import Context, Study, shim
 
-__all__ = ["SETTINGS", "GridRunConfig", "NoiseGridConfig", "aggregate", "main", "markdown", "paired", "run_grid"]
+__all__ = ["SETTINGS", "GridRunConfig", "NoiseGridConfig", "aggregate", "markdown", "paired", "run_grid"]
 
 log = logging.getLogger(__name__)
 
@@ -308,11 +309,10 @@ def markdown(table, pairs=None) -> str:
 def run_grid(grid: NoiseGridConfig, overwrite: bool = False, progress: bool = True) -> List[Dict[str, Any]]:
     """Run (or resume) every (setting, seed, method) of ``grid``; write the tables; return the run rows."""
     import pandas as pd
+    from tqdm.auto import tqdm
 
     from reweight.features import build_features
     from reweight.runs import atomic_write_text
-
-    from tqdm.auto import tqdm
 
     root = Path(grid.out_dir) / grid.name
     rows: List[Dict[str, Any]] = []

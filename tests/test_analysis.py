@@ -18,9 +18,19 @@ import yaml
 
 from analysis.export import Column, Table, escape_latex, export_table, format_cell, to_latex, to_markdown
 from analysis.loading import flatten, get_dotted, load_runs
-from analysis.tables import (accuracy_pivot_table, aggregate, hypergrad_accuracy_table, main_job_table,
-                             method_comparison_table, per_class_ess_table, rank_correlation_table, rank_correlations,
-                             setting_label, staged_table, varying_config)
+from analysis.tables import (
+    accuracy_pivot_table,
+    aggregate,
+    hypergrad_accuracy_table,
+    main_job_table,
+    method_comparison_table,
+    per_class_ess_table,
+    rank_correlation_table,
+    rank_correlations,
+    setting_label,
+    staged_table,
+    varying_config,
+)
 from reweight.errors import ConfigError, RunDirError
 from reweight.runs import save_checked
 

@@ -11,9 +11,20 @@ import torch
 from scipy.stats import spearmanr
 
 import reweight.attribution as A
-from reweight.attribution import (ATTRIBUTION, AttributionProblem, exact_loo, explain, faithfulness, lds,
-                                  make_attribution, random_subsets, representer_contributions, representer_logits,
-                                  representer_values, subset_outputs)
+from reweight.attribution import (
+    ATTRIBUTION,
+    AttributionProblem,
+    exact_loo,
+    explain,
+    faithfulness,
+    lds,
+    make_attribution,
+    random_subsets,
+    representer_contributions,
+    representer_logits,
+    representer_values,
+    subset_outputs,
+)
 from reweight.errors import ConfigError, DataError
 from reweight.head import HeadObjective, add_bias, solve_head
 

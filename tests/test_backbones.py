@@ -7,16 +7,32 @@ import sys
 
 import numpy as np
 import pytest
+import timm  # a hard dependency: a missing install must fail, not skip
 import torch
 from torch.testing import assert_close
 
-from reweight.backbones import (FreezeError, backbone_data_config, backbone_transform, block_groups, build_optimizer,
-                                build_scheduler, check_checkpoint, check_no_frozen_grads, create_backbone, freeze,
-                                freeze_all_but_last, freeze_report, frozen_bn_names, head_parameter_names,
-                                param_groups, resolve_selectors, set_trainable, trainable_names, unfreeze)
+from reweight.backbones import (
+    FreezeError,
+    backbone_data_config,
+    backbone_transform,
+    block_groups,
+    build_optimizer,
+    build_scheduler,
+    check_checkpoint,
+    check_no_frozen_grads,
+    create_backbone,
+    freeze,
+    freeze_all_but_last,
+    freeze_report,
+    frozen_bn_names,
+    head_parameter_names,
+    param_groups,
+    resolve_selectors,
+    set_trainable,
+    trainable_names,
+    unfreeze,
+)
 from reweight.errors import ConfigError, DataError
-
-import timm  # a hard dependency: a missing install must fail, not skip
 
 
 def _model(num_classes=10, in_chans=1, seed=0):

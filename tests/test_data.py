@@ -4,8 +4,17 @@ import numpy as np
 import pytest
 import torch
 
-from reweight.data import (asymmetric_noise, check_features, check_labels, check_splits, load_dataset,
-                           longtail_imbalance, make_splits, prepare_data, symmetric_noise)
+from reweight.data import (
+    asymmetric_noise,
+    check_features,
+    check_labels,
+    check_splits,
+    load_dataset,
+    longtail_imbalance,
+    make_splits,
+    prepare_data,
+    symmetric_noise,
+)
 from reweight.errors import DataError
 
 

@@ -12,8 +12,16 @@ import pytest
 import torch
 
 from experiments.dist_hypergrad import DistConfig, _s_init, synthetic_rows
-from reweight.distributed import (DistributedObjective, GatheredMethod, check_same_config, extract_features_distributed,
-                                  fingerprint_mismatch, init_distributed, sampler_indices, shard_range)
+from reweight.distributed import (
+    DistributedObjective,
+    GatheredMethod,
+    check_same_config,
+    extract_features_distributed,
+    fingerprint_mismatch,
+    init_distributed,
+    sampler_indices,
+    shard_range,
+)
 from reweight.errors import ConfigError, DataError
 from reweight.head import HeadObjective, add_bias, solve_head
 from reweight.hypergrad import BilevelProblem, ConjugateGradient, Exact, hypergradient

@@ -50,8 +50,8 @@ def _visible_files_are_whole(run_dir: Path):
 
 
 def _result(run_dir: Path):
-    metrics = [{k: v for k, v in json.loads(l).items() if k not in VOLATILE}
-               for l in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    metrics = [{k: v for k, v in json.loads(line).items() if k not in VOLATILE}
+               for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     return (run_dir / "weights.txt").read_text(), metrics
 
 

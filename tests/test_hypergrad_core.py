@@ -4,8 +4,7 @@ import pytest
 import torch
 
 from reweight.errors import ConfigError, NonFiniteError
-from reweight.head import solve_head
-from reweight.head import HeadObjective
+from reweight.head import HeadObjective, solve_head
 from reweight.hypergrad import HYPERGRAD, ConjugateGradient, Exact, alpha_grad_from_v, hypergradient, make_method
 from tests.conftest import make_problem
 

@@ -12,8 +12,7 @@ from torch.testing import assert_close
 
 from reweight.errors import ConfigError, NonFiniteError
 from reweight.head import HeadObjective, add_bias, solve_head
-from reweight.hypergrad import (HYPERGRAD, BilevelProblem, Neumann, Unrolled, hypergradient,
-                                largest_eigenvalue, make_method)
+from reweight.hypergrad import HYPERGRAD, BilevelProblem, Neumann, Unrolled, hypergradient, largest_eigenvalue, make_method
 from reweight.weights import WeightModel
 
 DT = torch.float64

@@ -35,7 +35,7 @@ def test_run_directory_is_complete(runs):
     s = json.loads((d / "summary.json").read_text())
     assert {"uniform", "learned", "auroc", "ess_ratio_min", "seconds"} <= set(s)
     assert 0 <= s["learned"]["test_acc"] <= 1 and 0 <= s["auroc"] <= 1
-    rows = [json.loads(l) for l in (d / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (d / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [0, 1, 2, 3]
     assert {"val_loss", "val_acc", "test_acc", "ess_ratio", "entropy", "hvps", "cg_rel_residual", "inner_iters",
             "hypergrad_seconds", "auroc"} <= set(rows[0])

@@ -10,8 +10,7 @@ import torch
 
 from reweight.errors import ConfigError, DataError
 from reweight.head import HeadObjective, add_bias, solve_head
-from reweight.neighbors import (brute_force_knn, faiss_available, knn, preselect_and_score, recall_at_k,
-                                representer_scores)
+from reweight.neighbors import brute_force_knn, faiss_available, knn, preselect_and_score, recall_at_k, representer_scores
 from reweight.store import write_store
 
 # faiss-cpu is optional for users but part of the [dev] extra, so CI runs these tests; the skip only

@@ -14,14 +14,13 @@ import re
 import struct
 from pathlib import Path
 
+import matplotlib  # noqa: F401  (a hard dependency: a missing install must fail, not skip)
 import pandas as pd
 import pytest
 import torch
 import yaml
 
 from tests.test_analysis import main_config, make_main_run, make_run
-
-import matplotlib  # noqa: F401  (a hard dependency: a missing install must fail, not skip)
 
 
 @pytest.fixture
@@ -196,8 +195,7 @@ def test_registry_lists_every_figure_module_with_one_signature():
 
 
 def test_every_registered_figure_draws_at_house_width_with_fonts_of_7pt(sources, tmp_path, monkeypatch):
-    from paper_figs import FIGURES, draw_figure
-    from paper_figs import style
+    from paper_figs import FIGURES, draw_figure, style
 
     checked = {}
     real = style.check_figure
@@ -268,8 +266,7 @@ def test_trajectories_start_at_step_0_with_a_std_band(main_runs, tmp_path, monke
     """metrics.jsonl row step=0 is the state before any update: it is drawn at x = 0, not 'step 1'."""
     import matplotlib.pyplot as plt
 
-    from paper_figs import FIGURES
-    from paper_figs import style
+    from paper_figs import FIGURES, style
 
     figs = []
     monkeypatch.setattr(style, "check_figure", lambda fig, *a: figs.append(fig) or {})
@@ -287,8 +284,7 @@ def test_trajectories_start_at_step_0_with_a_std_band(main_runs, tmp_path, monke
 def test_hypergrad_cost_keeps_one_step_and_unrolled_T1_apart_and_zero_cost_visible(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from paper_figs import FIGURES
-    from paper_figs import style
+    from paper_figs import FIGURES, style
 
     figs = []
     monkeypatch.setattr(style, "check_figure", lambda fig, *a: figs.append(fig) or {})
@@ -307,8 +303,7 @@ def test_hypergrad_cost_keeps_one_step_and_unrolled_T1_apart_and_zero_cost_visib
 def test_loo_scatter_draws_the_y_equals_x_reference(tmp_path, monkeypatch):
     import matplotlib.pyplot as plt
 
-    from paper_figs import FIGURES
-    from paper_figs import style
+    from paper_figs import FIGURES, style
 
     figs = []
     monkeypatch.setattr(style, "check_figure", lambda fig, *a: figs.append(fig) or {})

@@ -7,6 +7,7 @@ import warnings
 from pathlib import Path
 
 import pytest
+import timm  # noqa: F401  (a hard dependency: a missing install must fail, not skip)
 import torch
 from torch.testing import assert_close
 
@@ -14,8 +15,6 @@ from reweight.backbones import configure_stage, weighted_ce
 from reweight.config import DataConfig, RunConfig, StageConfig, from_dict, load_config
 from reweight.errors import ConfigError, RunDirError
 from reweight.staging import feature_drift, linear_cka, run_staged, staged_data
-
-import timm  # noqa: F401  (a hard dependency: a missing install must fail, not skip)
 
 CONFIGS = Path(__file__).resolve().parent.parent / "experiments" / "configs"
 

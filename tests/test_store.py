@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from reweight.errors import ConfigError, DataError
-from reweight.store import (MANIFEST, FeatureStore, StoreWriter, check_fits_in_memory, extract_features_to_store,
-                            write_store)
+from reweight.store import MANIFEST, FeatureStore, StoreWriter, check_fits_in_memory, extract_features_to_store, write_store
 
 
 def _data(n=37, d=5, seed=0):

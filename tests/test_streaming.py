@@ -10,7 +10,7 @@ from reweight.errors import ConfigError, DataError
 from reweight.head import HeadHessian, HeadObjective, add_bias, mean_ce, solve_head
 from reweight.hypergrad import BilevelProblem, ConjugateGradient, Exact, alpha_grad_from_v, hypergradient
 from reweight.store import write_store
-from reweight.streaming import (ChunkedFeatures, StreamingObjective, influence_on_val_loss, val_alpha_grad)
+from reweight.streaming import ChunkedFeatures, StreamingObjective, influence_on_val_loss, val_alpha_grad
 from reweight.weights import WeightModel, initial_s
 
 DT = torch.float64

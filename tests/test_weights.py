@@ -8,8 +8,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from reweight.errors import ConfigError, DataError
-from reweight.weights import (WeightModel, class_masses, class_report, entropy_per_class, ess_per_class, initial_s,
-                              log_softplus, normalized_weights)
+from reweight.weights import (
+    WeightModel,
+    class_masses,
+    class_report,
+    entropy_per_class,
+    ess_per_class,
+    initial_s,
+    log_softplus,
+    normalized_weights,
+)
 
 
 @settings(max_examples=60, deadline=None)
