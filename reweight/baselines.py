@@ -5,6 +5,8 @@ Every baseline shares the bilevel method's inputs -- the :class:`~reweight.hyper
 split) -- and returns a :class:`BaselineResult` with
 
 * ``alpha`` ``(n,)``: final per-sample weights, rescaled so that :math:`\sum_i\alpha_i = n` (mean 1,
+  except the trusted-set baselines: filters keep weight 1 / drop to 0 at the uniform head's
+  :math:`\lambda`, ``clean_only`` uses no training sample;
   the scale of the bilevel method's ``count`` class masses), used for the AUROC of flagging
   corrupted samples;
 * ``W`` ``(K, D)``: **the exact L2-regularised head trained with those weights**,
@@ -513,7 +515,7 @@ class LossFilter:
                                              max_iter=self.head_max_iter).W
             cands.append(((f, a), W))
         (f, a), W, table = _select(problem, cands)
-        return BaselineResult("loss_filter", _sum_to_n(a), W, seconds=time.perf_counter() - t0, score=-losses,
+        return BaselineResult("loss_filter", a, W, seconds=time.perf_counter() - t0, score=-losses,
                               extra={"fraction_selected": f, "candidates": table})
 
 
@@ -559,7 +561,7 @@ class KNNClean:
                            max_iter=self.head_max_iter).W
             cands.append(((k, a), W))
         (k, a), W, table = _select(problem, cands)
-        return BaselineResult("knn_clean", _sum_to_n(a), W, seconds=time.perf_counter() - t0, score=agree[k],
+        return BaselineResult("knn_clean", a, W, seconds=time.perf_counter() - t0, score=agree[k],
                               extra={"k_selected": k, "candidates": table})
 
 

@@ -26,7 +26,7 @@ import torch
 from .config import EMBEDDED_DATASETS, BackboneConfig, DataConfig, FeatureConfig, to_dict
 from .data import Splits, check_features, load_dataset, prepare_data
 from .errors import RunDirError, WarmupError
-from .runs import load_checked, save_checked
+from .runs import file_sha256, load_checked, save_checked
 
 __all__ = ["FeatureCache", "FeatureSet", "build_features", "check_warmup", "extract_features", "file_sha256",
            "provenance", "run_identity", "standardize"]
@@ -91,15 +91,6 @@ class FeatureCache:
 
 def _digest(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
-
-
-def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
-    """SHA-256 of a file's content, streamed (a weights file replaced in place changes it; its path does not)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def provenance(backbone: BackboneConfig) -> Dict[str, Any]:

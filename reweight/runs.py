@@ -46,6 +46,7 @@ __all__ = [
     "atomic_write_text",
     "config_diff",
     "environment_info",
+    "file_sha256",
     "load_checked",
     "run_status",
     "save_checked",
@@ -58,6 +59,15 @@ log = logging.getLogger(__name__)
 def sha256_bytes(data: bytes) -> str:
     """Hex SHA-256 of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def file_sha256(path: str | Path, chunk: int = 1 << 20) -> str:
+    """SHA-256 of a file's content, streamed (a weights file replaced in place changes it; its path does not)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(chunk), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:

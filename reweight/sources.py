@@ -665,7 +665,7 @@ def load_labels_file(path: str | Path, n_train: int, num_classes: int, *, key: O
         if arr.size and arr.max() >= num_classes:
             raise DataError(f"The {what} of {where} must be in 0..{num_classes - 1}. Got label {int(arr.max())}, "
                             f"out of range.")
-    from .features import file_sha256
+    from .runs import file_sha256
 
     return labels, clean, file_sha256(p)
 

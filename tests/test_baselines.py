@@ -27,12 +27,13 @@ def _noisy_problem(n=240, d=6, K=3, rate=0.3, seed=0, dtype=DT):
 
     X, y_clean = draw(n)
     Xv, yv = draw(60)
+    Xm, ym = draw(45)  # held-out meta-val part of the trusted set
     flip = torch.randperm(n, generator=g)[: int(rate * n)]
     y = y_clean.clone()
     y[flip] = (y[flip] + 1 + torch.randint(0, K - 1, (flip.numel(),), generator=g)) % K
     corrupted = y != y_clean
     inner = HeadObjective(X, y, K, 0.05)
-    return BilevelProblem(inner, Xv, yv, WeightModel(y, K)), corrupted
+    return BilevelProblem(inner, Xv, yv, WeightModel(y, K), X_meta_val=Xm, y_meta_val=ym), corrupted
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +42,10 @@ def noisy():
 
 
 FAST = {"uniform": {}, "class_balanced": {}, "l2rw": {"epochs": 8, "batch_size": 40, "lr": 0.01},
-        "mwn": {"epochs": 8, "batch_size": 40, "lr": 0.01}}
+        "mwn": {"epochs": 8, "batch_size": 40, "lr": 0.01}, "clean_only": {}, "train_plus_clean": {},
+        "loss_filter": {}, "knn_clean": {}}
+#: baselines whose head is not the L2 head of their training-set weights (they train on the trusted set too)
+TRUSTED_HEAD = ("clean_only", "train_plus_clean")
 
 
 def test_fast_options_cover_registry():
@@ -56,8 +60,14 @@ def test_contract(noisy, name):
     n = prob.inner.n
     assert r.name == name and r.alpha.shape == (n,) and bool(torch.isfinite(r.alpha).all())
     assert bool((r.alpha >= 0).all())
-    assert float(r.alpha.sum()) == pytest.approx(n, rel=1e-10)
-    assert float(prob.inner.grad(r.W, r.alpha).norm()) <= 1e-10
+    if name == "clean_only":  # no training sample is used
+        assert float(r.alpha.sum()) == 0.0
+    elif name in ("loss_filter", "knn_clean"):  # kept samples weigh 1, dropped ones 0 (same lambda as uniform)
+        assert set(r.alpha.unique().tolist()) <= {0.0, 1.0}
+    else:
+        assert float(r.alpha.sum()) == pytest.approx(n, rel=1e-10)
+    if name not in TRUSTED_HEAD:
+        assert float(prob.inner.grad(r.W, r.alpha).norm()) <= 1e-10
     assert r.seconds >= 0
     if name in ("l2rw", "mwn"):
         assert r.W_sgd is not None and len(r.history) == FAST[name]["epochs"]
@@ -167,7 +177,7 @@ def test_diverging_sgd_raises(noisy):
 
 
 def test_unknown_baseline_and_option():
-    with pytest.raises(ConfigError, match="Registered: class_balanced, l2rw, mwn, uniform"):
+    with pytest.raises(ConfigError, match="Registered: class_balanced, clean_only, knn_clean, l2rw, loss_filter, mwn"):
         make_baseline("focal")
     with pytest.raises(ConfigError, match="Unknown option 'steps' for reweighting baseline 'l2rw'. Valid options: epochs"):
         make_baseline("l2rw", {"steps": 3})
@@ -235,3 +245,42 @@ def test_noise_grid_config_validation():
         from_dict(NoiseGridConfig, {"methods": ["focal"]})
     with pytest.raises(ConfigError, match="Unknown config key 'seed'"):
         from_dict(NoiseGridConfig, {"seed": 1})
+
+
+def test_clean_only_is_the_trusted_head_with_cross_validated_lambda(noisy):
+    prob, corrupted = noisy
+    r = make_baseline("clean_only", {"head_grad_tol": 1e-10}).fit(prob, seed=0)
+    Xt, yt = prob.trusted()
+    lam = r.extra["lam_selected"]
+    assert lam in [row["lam"] for row in r.extra["cv"]] and r.extra["n_trusted"] == Xt.shape[0] == 105
+    assert min(r.extra["cv"], key=lambda row: row["cv_loss"])["lam"] == lam
+    ref = solve_head(HeadObjective(Xt, yt, prob.inner.K, lam), torch.ones(105, dtype=DT), grad_tol=1e-12).W
+    assert_close(r.W, ref, rtol=1e-7, atol=1e-8)
+    assert_close(r.score, torch.softmax(prob.inner.X @ r.W.T, 1).gather(1, prob.inner.y[:, None])[:, 0])
+    assert weight_auroc(r.score, corrupted) > 0.9  # the clean head recognises flipped labels
+
+
+def test_train_plus_clean_trains_on_the_union(noisy):
+    prob, _ = noisy
+    r = make_baseline("train_plus_clean", {"head_grad_tol": 1e-10}).fit(prob)
+    Xt, yt = prob.trusted()
+    union = HeadObjective(torch.cat([prob.inner.X, Xt]), torch.cat([prob.inner.y, yt]), prob.inner.K, prob.inner.lam)
+    assert float(union.grad(r.W, torch.ones(union.n, dtype=DT)).norm()) <= 1e-10
+
+
+@pytest.mark.parametrize("name,knob", [("loss_filter", "fraction_selected"), ("knn_clean", "k_selected")])
+def test_filters_select_their_knob_on_meta_val(noisy, name, knob):
+    prob, corrupted = noisy
+    r = make_baseline(name, {"head_grad_tol": 1e-10}).fit(prob)
+    table = r.extra["candidates"]
+    assert r.extra[knob] == min(table, key=lambda row: (row["meta_val_loss"], -row["meta_val_acc"]))["knob"][0]
+    assert weight_auroc(r.score, corrupted) > 0.85 and weight_auroc(r.alpha, corrupted) > 0.8
+    if name == "loss_filter":
+        assert r.extra[knob] > 0  # 30% noise: dropping some high-loss samples wins on meta-val
+        assert int((r.alpha == 0).sum()) == round(r.extra[knob] * prob.inner.n)
+
+
+def test_filters_without_meta_val_keep_their_default(noisy):
+    prob, _ = noisy
+    bare = BilevelProblem(prob.inner, prob.X_val, prob.y_val, prob.weights)
+    assert make_baseline("loss_filter").fit(bare).extra["fraction_selected"] == 0.0
