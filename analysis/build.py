@@ -114,6 +114,32 @@ def _staged(paths: Sequence[Path], strict: bool) -> Table:
     return T.staged_table(df, sources=rs.provenance())
 
 
+def _trusted(build: Callable[..., Table]) -> Callable[[Sequence[Path], bool], Table]:
+    def go(paths: Sequence[Path], strict: bool) -> Table:
+        from .trusted import load_trusted
+
+        return build(load_trusted(paths, strict))
+
+    return go
+
+
+def _register_trusted() -> None:
+    from . import trusted as TR
+
+    for fn, what in ((TR.trusted_paired_table, "learned weights vs uniform and the best baseline per trusted size "
+                      "and noise: paired differences, 95 % intervals, W/T/L"),
+                     (TR.trusted_methods_table, "test accuracy / loss of every method per trusted size and noise"),
+                     (TR.trusted_detection_table, "noise detection: AUROC / AP of the learned ranking, trivial "
+                      "detectors and attribution scores"),
+                     (TR.trusted_variants_table, "variants of the learned weights (trusted samples in the head, no "
+                      "guard) vs uniform and the defaults")):
+        name = fn.__name__.removesuffix("_table")
+        TABLES.register(name)(TableSpec(name, what, "trusted", _trusted(fn)))
+
+
+_register_trusted()
+
+
 def build_table(name: str, paths: Sequence[PathLike], strict: bool = False) -> Table:
     """The table ``name`` from the runs under ``paths``: ``TABLES.get(name)(paths, strict)``.
 

@@ -204,6 +204,9 @@ def _logging(verbose: int) -> None:
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of ``carrot`` (and of the ``python -m experiments.<study>`` shims); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    from .children import sigterm_as_interrupt
+
+    sigterm_as_interrupt()  # SIGTERM stops a study as Ctrl-C does: one line, exit 130
     try:
         first = next((i for i, a in enumerate(argv) if not a.startswith("-")), None)
         if first is not None and argv[first] in STUDIES:

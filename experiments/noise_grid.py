@@ -43,6 +43,7 @@ import torch
 
 from reweight.config import RunConfig
 from reweight.config import help_field as _f
+from reweight.data import NOISE_SETTINGS
 from reweight.errors import ConfigError, NonFiniteError
 from reweight.pipeline import head_problem
 
@@ -52,15 +53,7 @@ __all__ = ["SETTINGS", "GridRunConfig", "NoiseGridConfig", "aggregate", "markdow
 
 log = logging.getLogger(__name__)
 
-#: name -> (noise, noise_rate, imbalance_factor)
-SETTINGS: Dict[str, tuple] = {
-    "sym20": ("symmetric", 0.2, 1.0),
-    "sym40": ("symmetric", 0.4, 1.0),
-    "sym60": ("symmetric", 0.6, 1.0),
-    "asym40": ("asymmetric", 0.4, 1.0),
-    "lt10": ("none", 0.0, 10.0),
-    "lt50": ("none", 0.0, 50.0),
-}
+SETTINGS = NOISE_SETTINGS  # name -> (noise, noise_rate, imbalance_factor)
 METHODS = ("oracle", "uniform", "class_balanced", "l2rw", "mwn", "bilevel_cg", "bilevel_cg_balanced",
            "bilevel_one_step", "bilevel_first_order")
 BILEVEL = {"bilevel_cg": "cg", "bilevel_cg_balanced": "cg", "bilevel_one_step": "one_step",

@@ -38,7 +38,6 @@ import importlib.util
 import json
 import logging
 import os
-import subprocess
 import sys
 import time
 import traceback
@@ -50,6 +49,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from reweight.config import help_field as _f
 from reweight.errors import ConfigError
 
+from .children import Child, run_children
 from .study import STUDIES, Study, shim
 
 __all__ = ["GRIDS", "PaperConfig", "STEPS", "STUDY", "Step", "build_artefacts",
@@ -182,38 +182,6 @@ def _say(msg: str) -> None:
     sys.stdout.flush()
 
 
-def _run_one(st: Step, log_dir: Path, env: Dict[str, str], timeout: Optional[float]) -> None:
-    """Run one step; records wall seconds and the child's CPU seconds (user + sys, from ``wait4``)."""
-    _say(f"[paper] start {st.name}: {st.command()}")
-    t0 = time.perf_counter()
-    rc, cpu = -1, float("nan")
-    with open(log_dir / f"{st.name}.log", "w") as fh:
-        proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", st.study] + st.argv, stdout=fh,
-                                stderr=subprocess.STDOUT, env=env, cwd=os.getcwd())
-        while True:
-            pid, status, ru = os.wait4(proc.pid, os.WNOHANG)
-            if pid:
-                rc = os.waitstatus_to_exitcode(status)
-                cpu = ru.ru_utime + ru.ru_stime
-                proc.returncode = rc
-                break
-            if timeout is not None and time.perf_counter() - t0 > timeout:
-                proc.kill()
-                proc.wait()
-                rc = -1
-                break
-            time.sleep(0.2)
-    st.seconds = time.perf_counter() - t0
-    st.cpu_seconds = cpu
-    if rc == 0:
-        st.status = "done"
-    else:
-        tail = (log_dir / f"{st.name}.log").read_text(errors="replace").strip().splitlines()[-3:]
-        st.status = "failed"
-        st.message = f"exit code {rc}" + (" (timeout)" if rc == -1 else "") + ": " + " | ".join(tail)
-    _say(f"[paper] {st.name}: {st.status} in {st.seconds:.0f}s (cpu {cpu:.0f}s) {st.message}")
-
-
 def _missing(st: Step) -> str:
     return f"study {st.study!r} is not registered in this checkout"
 
@@ -222,24 +190,22 @@ def run_steps(steps: Sequence[Step], log_dir: Path, timeout: Optional[float] = N
     """Run the steps as subprocesses, ``jobs`` at a time, in list order (stdout/stderr to ``<log_dir>/<name>.log``).
 
     Steps are independent (they share only the content-addressed feature cache, whose writes are
-    atomic), so running them side by side changes wall time, not results.
+    atomic), so running them side by side changes wall time, not results. Ctrl-C / SIGTERM stops every
+    running step (:func:`experiments.children.run_children`); a rerun resumes from the finished ones.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    log_dir.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, PYTHONHASHSEED="0", CI=os.environ.get("CI", "1"))
-    root = Path(__file__).resolve().parent.parent
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(root), env.get("PYTHONPATH", "")]))
-    todo = []
+    todo, kids = [], []
     for st in steps:
         if not _study_exists(st.study):
             st.status, st.message = "skipped", _missing(st)
             _say(f"[paper] skip {st.name}: {st.message}")
         else:
             todo.append(st)
-    with ThreadPoolExecutor(max_workers=max(1, jobs)) as ex:
-        for f in [ex.submit(_run_one, st, log_dir, env, timeout) for st in todo]:
-            f.result()
+            kids.append(Child(st.name, st.study, st.argv, log_dir / f"{st.name}.log"))
+    try:
+        run_children(kids, jobs=jobs, timeout=timeout, on_event=lambda m: _say(f"[paper] {m}"))
+    finally:
+        for st, c in zip(todo, kids):
+            st.status, st.seconds, st.cpu_seconds, st.message = c.status, c.seconds, c.cpu_seconds, c.message
 
 
 # ------------------------------------------------------------------------------------------------

@@ -41,6 +41,7 @@ STUDIES: Dict[str, str] = {
     "bench_libraries": "experiments.bench_libraries",
     "dist_hypergrad": "experiments.dist_hypergrad",
     "bad_inputs": "experiments.bad_inputs",
+    "trusted": "experiments.trusted",
     "paper": "experiments.paper",
 }
 

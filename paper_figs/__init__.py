@@ -82,6 +82,8 @@ for _spec in (
                "paper_figs.loo_scatter:draw"),
     FigureSpec("representer", "test queries with their supporting / inhibiting training images", "sanity",
                DOUBLE_COL, "paper_figs.representer:draw"),
+    FigureSpec("trusted_size", "test accuracy vs trusted-set size per noise setting, every method (95 % intervals)",
+               "trusted", DOUBLE_COL, "paper_figs.trusted_size:draw"),
     FigureSpec("faithfulness", "query confidence after removing / keeping the top-K supporters (± std over queries)",
                "faithfulness", DOUBLE_COL, "paper_figs.faithfulness:draw"),
 ):

@@ -23,14 +23,14 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
-from .errors import ConvergenceError, NonFiniteError
+from .errors import ConfigError, ConvergenceError, NonFiniteError
 from .head import HeadSolution, accuracy, solve_head
 from .hypergrad import BilevelProblem, HypergradMethod, hypergradient
 from .runs import RunDir
-from .validate import renamed_option
-from .weights import entropy_per_class, ess_per_class, initial_s
+from .validate import check_choice, renamed_option
+from .weights import entropy_per_class, ess_per_class
 
-__all__ = ["MISS_FACTOR", "BilevelOutcome", "check_convergence", "convergence_summary", "run_bilevel", "weight_auroc"]
+__all__ = ["MISS_FACTOR", "OPTIMIZERS", "BilevelOutcome", "check_convergence", "convergence_summary", "run_bilevel", "weight_auroc"]
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,24 @@ class BilevelOutcome:
     resumed_from: Optional[int]
     final_solution: HeadSolution
     convergence: Dict[str, Any] = field(default_factory=dict)
+    path_alpha: Optional[torch.Tensor] = None
+    path_W: Optional[torch.Tensor] = None
+    guard: Dict[str, Any] = field(default_factory=dict)
+    score: Optional[torch.Tensor] = None
+
+
+OPTIMIZERS = ("adam", "sgd", "ngd", "eg")
+
+
+def _centre(g: torch.Tensor, labels: torch.Tensor, K: int) -> torch.Tensor:
+    """``g`` minus its mean over each class (a per-class constant does not change class-normalised weights)."""
+    cnt = torch.bincount(labels, minlength=K).to(g.dtype).clamp_min(1)
+    mu = torch.zeros(K, dtype=g.dtype, device=g.device).index_add(0, labels, g) / cnt
+    return g - mu[labels]
+
+
+def _rms_normalised(g: torch.Tensor) -> torch.Tensor:
+    return g / g.pow(2).mean().sqrt().clamp_min(torch.finfo(g.dtype).tiny)
 
 
 def _row(step: int, problem: BilevelProblem, alpha: torch.Tensor, sol: HeadSolution, hg, evals, corrupted,
@@ -145,8 +163,22 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
                 evals: Optional[Dict[str, Tuple[torch.Tensor, torch.Tensor]]] = None,
                 corrupted: Optional[torch.Tensor] = None, method_name: str = "", progress: bool = False,
                 on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]] = None,
-                allow_unconverged: bool = False, tol: Optional[float] = None) -> BilevelOutcome:
-    """Run (or resume) the outer loop for ``steps`` Adam steps of size ``lr`` on ``s``.
+                allow_unconverged: bool = False, optimizer: str = "adam", schedule: str = "constant",
+                record_path: bool = False, tol: Optional[float] = None) -> BilevelOutcome:
+    r"""Run (or resume) the outer loop for ``steps`` steps of size ``lr`` on the weight parameters ``s``.
+
+    Optimisers (the update of step ``t``, with :math:`\eta_t = \mathrm{lr}` or :math:`\mathrm{lr}/\sqrt{t+1}`):
+
+    * ``adam``: Adam on ``s`` (its first step moves every :math:`s_i` by about :math:`\eta\,\mathrm{sign}(g_i)`,
+      discarding the hypergradient's magnitudes);
+    * ``sgd``: :math:`s \leftarrow s - \eta_t \partial J/\partial s`;
+    * ``ngd``: normalised gradient, :math:`s \leftarrow s - \eta_t g/\mathrm{rms}(g)`, :math:`g = \partial J/\partial s`;
+    * ``eg``: exponentiated gradient, i.e. mirror descent on :math:`\alpha` with the entropy mirror map
+      (Kivinen & Warmuth, "Exponentiated gradient versus gradient descent for linear predictors", 1997):
+      :math:`\log\alpha \leftarrow \log\alpha - \eta_t \tilde g/\mathrm{rms}(\tilde g)` then class
+      renormalisation, :math:`\tilde g = \partial J/\partial\alpha` centred per class. It keeps the
+      hypergradient's magnitudes (step 1 ranks the samples as the step-0 hypergradient does) and needs
+      the ``exp`` parameterisation of the weight model (``s`` are the log-weights).
 
     Args:
         problem: the bilevel problem.
@@ -159,6 +191,9 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
         evals: named ``(X, y)`` sets whose accuracy is logged each step (e.g. ``val``, ``test``).
         corrupted: ground-truth mask; logs the AUROC of ``alpha`` each step.
         on_step: called as ``on_step(row, alpha)`` after each step's metrics row is built.
+        optimizer, schedule: the update above; ``constant`` or ``inv_sqrt`` step sizes.
+        record_path: keep :math:`\alpha_t` and :math:`W_t` of every step ``t = 0..steps`` (``t = 0``: uniform) in
+            the outcome and the checkpoints, for a guard that picks the step on held-out data.
         allow_unconverged: log and mark (instead of stopping at) an inner solve or hypergradient that
             misses its tolerance by more than :data:`MISS_FACTOR` (:func:`check_convergence`).
 
@@ -170,13 +205,20 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
     from tqdm.auto import tqdm
 
     tol = renamed_option(grad_tol, tol, "tol", "grad_tol", "run_bilevel", 1e-6)
+    check_choice(optimizer, "optimizer", "run_bilevel", OPTIMIZERS)
+    check_choice(schedule, "schedule", "run_bilevel", ("constant", "inv_sqrt"))
+    if optimizer == "eg" and problem.weights.parameterization != "exp":
+        raise ConfigError("The 'eg' optimizer needs a weight model with parameterization='exp' (s are log-weights).")
     evals = evals or {}
     dtype, device = problem.inner.rows.dtype, problem.inner.rows.device
-    s = initial_s(problem.inner.n, dtype).to(device).requires_grad_(True)
+    labels = problem.weights.labels.to(device)
+    s = problem.weights.initial(dtype).to(device).requires_grad_(True)
     opt = torch.optim.Adam([s], lr=lr)
     W: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
     metrics: List[Dict[str, Any]] = []
+    path_a: List[torch.Tensor] = []
+    path_w: List[torch.Tensor] = []
     start, resumed = 0, None
     if run is not None:
         ck = run.load_latest_checkpoint()
@@ -187,13 +229,18 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
             W = ck["W"].to(device, dtype) if ck["W"] is not None else None
             v = ck["v"].to(device, dtype) if ck["v"] is not None else None
             metrics, start, resumed = list(ck["metrics"]), int(ck["step"]), int(ck["step"])
+            path_a = [a.to(device, dtype) for a in ck.get("path_alpha", [])]
+            path_w = [w.to(device, dtype) for w in ck.get("path_W", [])]
             log.info("Resuming from outer step %d.", start)
             run.write_metrics(metrics)
 
     def checkpoint(step: int) -> None:
         if run is not None:
-            run.save_checkpoint(step, {"step": step, "s": s.detach().clone(), "opt": opt.state_dict(),
-                                       "W": W, "v": v, "metrics": metrics})
+            state = {"step": step, "s": s.detach().clone(), "opt": opt.state_dict(), "W": W, "v": v,
+                     "metrics": metrics}
+            if record_path:
+                state.update(path_alpha=path_a, path_W=path_w)
+            run.save_checkpoint(step, state)
             run.write_metrics(metrics)
 
     for step in tqdm(range(start, steps), desc="outer", disable=not progress, initial=start, total=steps):
@@ -215,11 +262,25 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
             log.warning("Outer step %d: %s hypergradient did not reach its tolerance (relative residual %.2e).",
                         step, hg.method, hg.rel_residual)
         metrics.append(row)
+        if record_path:
+            path_a.append(alpha.detach().clone())
+            path_w.append(sol.W.detach().clone())
         if on_step is not None:
             on_step(row, alpha)
-        opt.zero_grad(set_to_none=True)
-        s.grad = hg.grad_s.to(dtype)
-        opt.step()
+        eta = lr if schedule == "constant" else lr / math.sqrt(step + 1)
+        if optimizer == "adam":
+            opt.zero_grad(set_to_none=True)
+            s.grad = hg.grad_s.to(dtype)
+            opt.step()
+        else:
+            with torch.no_grad():
+                if optimizer == "eg":
+                    assert hg.grad_alpha_total is not None
+                    s -= eta * _rms_normalised(_centre(hg.grad_alpha_total.to(dtype), labels, problem.inner.K))
+                elif optimizer == "ngd":
+                    s -= eta * _rms_normalised(hg.grad_s.to(dtype))
+                else:
+                    s -= eta * hg.grad_s.to(dtype)
         if not bool(torch.isfinite(s).all()):
             raise NonFiniteError(f"Outer step {step}: s became non-finite after the update (method {hg.method!r}).")
         W, v = sol.W, hg.v
@@ -228,5 +289,10 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
 
     alpha = problem.weights.alpha(s.detach())
     final = solve_head(problem.inner, alpha, W0=W, grad_tol=tol, max_iter=max_iter)
+    if record_path:
+        path_a.append(alpha.detach().clone())
+        path_w.append(final.W.detach().clone())
     return BilevelOutcome(s=s.detach(), alpha=alpha.detach(), W=final.W, metrics=metrics, resumed_from=resumed,
-                          final_solution=final, convergence=convergence_summary(metrics, final))
+                          final_solution=final, convergence=convergence_summary(metrics, final),
+                          path_alpha=torch.stack(path_a) if record_path and path_a else None,
+                          path_W=torch.stack(path_w) if record_path and path_w else None)

@@ -37,9 +37,11 @@ from .errors import ConfigError
 
 __all__ = [
     "BackboneConfig",
+    "CompareConfig",
     "DataConfig",
     "EMBEDDED_DATASETS",
     "FeatureConfig",
+    "GuardConfig",
     "HeadConfig",
     "HypergradConfig",
     "OuterConfig",
@@ -150,8 +152,8 @@ class DataConfig:
                              "official train split) as the clean pool the trusted set is drawn from")
     trusted_size: Optional[int] = _f(None, "clean samples in the trusted set, stratified from the pool "
                                      "(None = the whole pool); they drive the hypergradients")
-    meta_val_fraction: float = _f(0.0, "fraction of the trusted set held out as meta-val, which alone selects "
-                                  "steps and knobs (0 = none)")
+    meta_val_fraction: float = _f(0.5, "fraction of the trusted set held out as meta-val, which alone selects "
+                                  "steps and knobs (0 = none; the guard then needs guard.mode=off)")
     test_fraction: float = _f(0.2, "fraction of all samples in the test split (imagefolder/embeddings without a test "
                               "set: fraction of the training folder/file split off as test)")
     noise: Literal["none", "symmetric", "asymmetric"] = _f("symmetric", "label-noise type on the training split")
@@ -347,16 +349,46 @@ class HypergradConfig:
 
 @dataclass(frozen=True)
 class OuterConfig:
-    """The outer loop on s."""
+    """The outer loop on the weights (reweight.bilevel.run_bilevel)."""
 
-    steps: int = _f(60, "number of outer steps")
-    lr: float = _f(0.1, "Adam learning rate on s")
+    steps: int = _f(40, "number of outer steps")
+    lr: float = _f(0.1, "outer step size (Adam's learning rate; the normalised step of ngd and eg)")
+    optimizer: Literal["adam", "sgd", "ngd", "eg"] = _f(
+        "eg", "adam, sgd, ngd (normalised gradient) or eg (exponentiated gradient: mirror descent on alpha)")
+    schedule: Literal["constant", "inv_sqrt"] = _f("constant", "step sizes: constant or lr/sqrt(t+1)")
     checkpoint_every: int = _f(5, "write a checkpoint every this many outer steps")
 
     def __post_init__(self) -> None:
         _check(self.steps >= 0, "outer", "steps", self.steps, ">= 0")
         _check(self.lr > 0, "outer", "lr", self.lr, "> 0")
         _check(self.checkpoint_every >= 1, "outer", "checkpoint_every", self.checkpoint_every, ">= 1")
+
+
+@dataclass(frozen=True)
+class CompareConfig:
+    """What the main job compares the learned weights with, on the same features and trusted set."""
+
+    baselines: List[str] = _f(["clean_only", "train_plus_clean", "loss_filter", "knn_clean"],
+                              "registered baselines (reweight.baselines), each tuning its one knob on meta-val")
+    oracle: bool = _f(True, "also a head on the true labels, where they are known (synthetic noise)")
+    detection: bool = _f(True, "noise-detection table (AUROC, AP, Spearman with alpha) when corruption is known")
+    attribution: List[str] = _f(["influence_cg", "representer", "tracin", "trak"],
+                                "attribution methods (reweight.attribution) scored as detectors in the detection table")
+
+
+@dataclass(frozen=True)
+class GuardConfig:
+    """The meta-val guard (reweight.guard): which outer step to keep, judged on held-out trusted samples."""
+
+    mode: Literal["off", "select", "crossfit"] = _f(
+        "crossfit", "off (the last step; hypergradients on the whole trusted set), select (step chosen on meta-val), "
+        "crossfit (meta-train and meta-val swap roles; geometric mean of both paths; step chosen on both)")
+    criterion: Literal["loss", "tloss"] = _f("tloss", "held-out loss per step: plain, or at a fitted temperature")
+    z: float = _f(1.0, "keep a step only if it beats uniform weights by more than z standard errors")
+    trusted_in_inner: bool = _f(True, "the final head also trains on the trusted samples (weight 1)")
+
+    def __post_init__(self) -> None:
+        _check(self.z >= 0, "guard", "z", self.z, ">= 0")
 
 
 @dataclass(frozen=True)
@@ -385,6 +417,8 @@ class RunConfig:
     weights: WeightsConfig = field(default_factory=WeightsConfig)
     hypergrad: HypergradConfig = field(default_factory=HypergradConfig)
     outer: OuterConfig = field(default_factory=OuterConfig)
+    guard: GuardConfig = field(default_factory=GuardConfig)
+    compare: CompareConfig = field(default_factory=CompareConfig)
     stages: List[StageConfig] = _f([], "training stages of the backbone, in order (empty = head-only run: warm-up "
                                    "+ frozen features); see docs/staging.md")
 

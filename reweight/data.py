@@ -20,7 +20,7 @@ label noise (or the labels of a labels file) on the training split.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -29,6 +29,7 @@ from .seeding import numpy_rng
 from .validate import check_features, check_labels, check_splits  # re-exported: their home is reweight.validate
 
 __all__ = [
+    "NOISE_SETTINGS",
     "Corruption",
     "Dataset",
     "Splits",
@@ -47,6 +48,16 @@ __all__ = [
     "symmetric_noise",
     "trusted_subset",
 ]
+
+#: named corruption settings of the studies: name -> (data.noise, data.noise_rate, data.imbalance_factor)
+NOISE_SETTINGS: Dict[str, Tuple[str, float, float]] = {
+    "sym20": ("symmetric", 0.2, 1.0),
+    "sym40": ("symmetric", 0.4, 1.0),
+    "sym60": ("symmetric", 0.6, 1.0),
+    "asym40": ("asymmetric", 0.4, 1.0),
+    "lt10": ("none", 0.0, 10.0),
+    "lt50": ("none", 0.0, 50.0),
+}
 
 
 @dataclass(frozen=True)

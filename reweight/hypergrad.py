@@ -173,6 +173,8 @@ class HypergradResult:
     Attributes:
         grad_s: ``(n,)`` :math:`\partial J/\partial s` (validation part + penalties, through the chain).
         grad_alpha: ``(n,)`` the method's :math:`\partial L_{val}/\partial\alpha`.
+        grad_alpha_total: ``(n,)`` :math:`\partial J/\partial\alpha` (validation part + penalties), the
+            gradient of mirror-descent (exponentiated-gradient) updates.
         v: :math:`H^{-1}\nabla_W L_{val}` when the method forms it (reusable by influence functions).
         val_loss, penalty, objective: :math:`L_{val}(W)`, :math:`\beta_H R_H + \beta_E R_E`, their sum.
         hvps, inner_steps, seconds, rel_residual, converged: cost and diagnostics.
@@ -191,6 +193,7 @@ class HypergradResult:
     converged: bool
     method: str
     extra: Dict[str, Any] = field(default_factory=dict)
+    grad_alpha_total: Optional[torch.Tensor] = None
 
 
 class HypergradMethod(Protocol):
@@ -594,14 +597,15 @@ def hypergradient(method: HypergradMethod, problem: BilevelProblem, s: torch.Ten
         vag = method.val_alpha_grad(problem, W, alpha.detach(), v0=v0)
         pen = problem.weights.penalty(alpha)
         total = (alpha * vag.grad_alpha.detach()).sum() + pen
-        (grad_s,) = torch.autograd.grad(total, s_)
+        grad_s, grad_alpha_total = torch.autograd.grad(total, [s_, alpha])
     val_loss = float(problem.val_loss(W))
     label = name or type(method).__name__
     for what, t in (("dL_val/dalpha", vag.grad_alpha), ("dJ/ds", grad_s)):
         if not bool(torch.isfinite(t).all()):
             raise NonFiniteError(f"Hypergradient method {label!r} produced a non-finite {what}.")
     return HypergradResult(
-        grad_s=grad_s.detach(), grad_alpha=vag.grad_alpha.detach(), v=vag.v, val_loss=val_loss,
+        grad_s=grad_s.detach(), grad_alpha=vag.grad_alpha.detach(), grad_alpha_total=grad_alpha_total.detach(),
+        v=vag.v, val_loss=val_loss,
         penalty=float(pen.detach()), objective=val_loss + float(pen.detach()), hvps=vag.hvps, inner_steps=vag.inner_steps,
         seconds=time.perf_counter() - t0, rel_residual=vag.rel_residual, converged=vag.converged,
         method=label, extra=vag.extra,

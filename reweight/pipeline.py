@@ -25,7 +25,7 @@ import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 
@@ -34,6 +34,7 @@ from .bilevel import BilevelOutcome, run_bilevel, weight_auroc
 from .config import EMBEDDED_DATASETS, RunConfig
 from .errors import ConfigError
 from .features import FeatureSet, build_features, run_identity
+from .guard import geometric_combine, heldout_losses, select_step
 from .head import HeadObjective, accuracy, add_bias, mean_ce, solve_head
 from .hypergrad import BilevelProblem, HypergradMethod, make_method
 from .runs import RunDir, save_checked
@@ -47,7 +48,12 @@ __all__ = [
     "attribution_problem",
     "bilevel_problem",
     "draw_subset",
+    "attribution_scores",
+    "compare_methods",
+    "detection_scores",
+    "detection_table",
     "evaluate_head",
+    "final_head",
     "features",
     "head_problem",
     "learn_weights",
@@ -126,6 +132,17 @@ def preflight(cfg: RunConfig, *, run_dir: bool = True) -> None:
         ConfigError: naming the key, the value and what is allowed.
     """
     make_method(cfg.hypergrad.method, cfg.hypergrad.options)
+    if cfg.guard.mode != "off" and cfg.data.meta_val_fraction <= 0:
+        raise ConfigError(f"The 'guard.mode' parameter is {cfg.guard.mode!r}, which needs a held-out meta-val part of "
+                          f"the trusted set: set data.meta_val_fraction > 0 (e.g. 0.5), or guard.mode=off.")
+    from .baselines import BASELINES
+
+    for b in cfg.compare.baselines:
+        BASELINES.get(b)  # unknown name -> the registered ones
+    from .attribution import ATTRIBUTION
+
+    for a in cfg.compare.attribution:
+        ATTRIBUTION.get(a)
     resolve_device(cfg.device)
     _writable_dir(cfg.features.cache_dir, "features.cache_dir")
     if run_dir:
@@ -167,27 +184,39 @@ def weight_model(cfg: RunConfig, labels: torch.Tensor, num_classes: int) -> Weig
     r"""The :math:`\alpha` parameterisation of ``cfg.weights`` on the training labels."""
     w = cfg.weights
     return WeightModel(labels, num_classes, class_mass=w.class_mass, beta_entropy=w.beta_entropy, beta_ess=w.beta_ess,
-                       ess_floor=w.ess_floor, ess_penalty=w.ess_penalty)
+                       ess_floor=w.ess_floor, ess_penalty=w.ess_penalty,
+                       parameterization="exp" if cfg.outer.optimizer == "eg" else "softplus")
 
 
 def bilevel_problem(cfg: RunConfig, X_train: torch.Tensor, y_train: torch.Tensor, X_val: torch.Tensor,
-                    y_val: torch.Tensor, num_classes: int) -> BilevelProblem:
+                    y_val: torch.Tensor, num_classes: int, meta_val: Optional[torch.Tensor] = None) -> BilevelProblem:
     r"""The bilevel problem of ``cfg`` on raw features: the L2 head of ``cfg.head`` (bias column, dtype, device)
-    on the training rows, the weight model of ``cfg.weights``, the clean validation rows that drive the
-    hypergradients."""
+    on the training rows, the weight model of ``cfg.weights``, and the trusted rows: those of ``meta_val``
+    (a bool mask over them) are held out as meta-val, the others (meta-train) drive the hypergradients."""
     dev = resolve_device(cfg.device)
     inner = HeadObjective(_prep(cfg, X_train), y_train.to(dev), num_classes, cfg.head.lam)
-    return BilevelProblem(inner, _prep(cfg, X_val), y_val.to(dev), weight_model(cfg, y_train.to(dev), num_classes))
+    Xv, yv = _prep(cfg, X_val), y_val.to(dev)
+    wm = weight_model(cfg, y_train.to(dev), num_classes)
+    if meta_val is None or not bool(meta_val.any()):
+        return BilevelProblem(inner, Xv, yv, wm)
+    mv = meta_val.to(dev).bool()
+    return BilevelProblem(inner, Xv[~mv], yv[~mv], wm, X_meta_val=Xv[mv], y_meta_val=yv[mv])
 
 
 def head_problem(cfg: RunConfig, fs: FeatureSet) -> HeadSetup:
     """The bilevel problem of ``cfg`` on features ``fs`` (bias column, dtype, device) and its evaluation sets.
 
-    Evaluation sets: ``val`` (the clean validation split that drives the hypergradients) and ``test``.
+    Evaluation sets: ``train`` (the observed, possibly noisy, training labels), ``val`` (meta-train: the
+    trusted rows that drive the hypergradients; in-sample for the learned weights), ``meta_val`` (the
+    held-out trusted rows, when ``data.meta_val_fraction > 0``) and ``test``.
     """
     dev = resolve_device(cfg.device)
-    problem = bilevel_problem(cfg, fs.X_train, fs.y_train, fs.X_val, fs.y_val, fs.num_classes)
-    evals = {"val": (problem.X_val, problem.y_val), "test": (_prep(cfg, fs.X_test), fs.y_test.to(dev))}
+    problem = bilevel_problem(cfg, fs.X_train, fs.y_train, fs.X_val, fs.y_val, fs.num_classes, fs.meta_val)
+    evals: Evals = {"train": (problem.inner.X, problem.inner.y), "val": (problem.X_val, problem.y_val)}
+    if problem.has_meta_val:
+        assert problem.X_meta_val is not None and problem.y_meta_val is not None
+        evals["meta_val"] = (problem.X_meta_val, problem.y_meta_val)
+    evals["test"] = (_prep(cfg, fs.X_test), fs.y_test.to(dev))
     return HeadSetup(problem=problem, evals=evals, features=fs)
 
 
@@ -241,21 +270,103 @@ def evaluate_head(W: torch.Tensor, evals: Evals) -> Dict[str, float]:
     return out
 
 
+def _path(cfg: RunConfig, problem: BilevelProblem, method: HypergradMethod, *, evals: Optional[Evals],
+          corrupted: Optional[torch.Tensor], run: Optional[RunDir], progress: bool, record_path: bool,
+          on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]], allow_unconverged: bool) -> BilevelOutcome:
+    return run_bilevel(problem, method, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.grad_tol,
+                       max_iter=cfg.head.max_iter, checkpoint_every=cfg.outer.checkpoint_every, run=run,
+                       evals=evals, corrupted=corrupted, method_name=cfg.hypergrad.method, progress=progress,
+                       on_step=on_step, allow_unconverged=allow_unconverged, optimizer=cfg.outer.optimizer,
+                       schedule=cfg.outer.schedule, record_path=record_path)
+
+
+def final_head(cfg: RunConfig, problem: BilevelProblem, alpha: torch.Tensor, W0: Optional[torch.Tensor] = None
+               ) -> torch.Tensor:
+    r"""The head of the final weights: :math:`\arg\min_W F(W,\alpha)` on the training rows or, with
+    ``guard.trusted_in_inner``, on the training rows (weights ``alpha``) and the whole trusted set (weight 1)."""
+    if not cfg.guard.trusted_in_inner:
+        return solve_head(problem.inner, alpha, W0=W0, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter).W
+    Xt, yt = problem.trusted()
+    obj = HeadObjective(torch.cat([problem.inner.X, Xt]), torch.cat([problem.inner.y, yt]), problem.inner.K,
+                        problem.inner.lam)
+    a = torch.cat([alpha, torch.ones(yt.numel(), dtype=alpha.dtype, device=alpha.device)])
+    return solve_head(obj, a, W0=W0, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter).W
+
+
 def learn_weights(cfg: RunConfig, problem: BilevelProblem, *, evals: Optional[Evals] = None,
                   corrupted: Optional[torch.Tensor] = None, run: Optional[RunDir] = None, progress: bool = False,
                   method: Optional[HypergradMethod] = None,
                   on_step: Optional[Callable[[Dict[str, Any], torch.Tensor], None]] = None,
                   allow_unconverged: bool = False) -> BilevelOutcome:
-    """The outer loop of ``cfg`` (its hypergradient method, steps, lr, inner solver) on ``problem``.
+    r"""The learned weights of ``cfg`` on ``problem``: the outer loop, then the meta-val guard (:mod:`reweight.guard`).
 
-    ``evals`` are logged each step, ``corrupted`` (ground truth, when known) gives the AUROC of the
-    weights, ``run`` checkpoints and resumes.
+    ``guard.mode``:
+
+    * ``off``: one path whose hypergradients use the whole trusted set; its last step is kept;
+    * ``select``: one path on meta-train; the step (0 = uniform) is chosen on meta-val
+      (:func:`reweight.guard.select_step`);
+    * ``crossfit``: a second path swaps meta-train and meta-val; at every step the two paths' weights are
+      combined by a class-normalised geometric mean, and the step is chosen on the held-out losses of both
+      paths (each path's head on the half it did not see).
+
+    The kept weights then train the final head (:func:`final_head`). ``outcome.guard`` records the choice;
+    ``outcome.score`` is the learned ranking of the samples (the weights of the chosen step, or of step 1
+    when the guard falls back to uniform weights) for noise detection. ``evals`` are logged each step,
+    ``corrupted`` (ground truth, when known) gives the AUROC of the weights, ``run`` checkpoints and resumes.
     """
     method = method if method is not None else make_method(cfg.hypergrad.method, cfg.hypergrad.options)
-    return run_bilevel(problem, method, cfg.outer.steps, cfg.outer.lr, grad_tol=cfg.head.grad_tol,
-                       max_iter=cfg.head.max_iter, checkpoint_every=cfg.outer.checkpoint_every, run=run,
-                       evals=evals, corrupted=corrupted, method_name=cfg.hypergrad.method,
-                       progress=progress, on_step=on_step, allow_unconverged=allow_unconverged)
+    mode = cfg.guard.mode
+    kw = dict(evals=evals, corrupted=corrupted, progress=progress, on_step=on_step,
+              allow_unconverged=allow_unconverged)
+    if mode == "off" or not problem.has_meta_val:
+        if mode != "off":
+            raise ConfigError(f"guard.mode={mode!r} needs a held-out meta-val part of the trusted set: set "
+                              f"data.meta_val_fraction > 0 (or guard.mode=off).")
+        Xt, yt = problem.trusted()
+        whole = BilevelProblem(problem.inner, Xt, yt, problem.weights)
+        out = _path(cfg, whole, method, run=run, record_path=False, **kw)  # type: ignore[arg-type]
+        out.guard = {"mode": "off", "step": len(out.metrics)}
+        out.score = out.alpha
+        if cfg.guard.trusted_in_inner:
+            out.W = final_head(cfg, problem, out.alpha, out.W)
+        return out
+    assert problem.X_meta_val is not None and problem.y_meta_val is not None
+    a = _path(cfg, problem, method, run=run, record_path=True, **kw)  # type: ignore[arg-type]
+    assert a.path_alpha is not None and a.path_W is not None
+    L = heldout_losses(a.path_W, problem.X_meta_val, problem.y_meta_val, cfg.guard.criterion)
+    alphas = a.path_alpha
+    if mode == "crossfit":
+        swapped = BilevelProblem(problem.inner, problem.X_meta_val, problem.y_meta_val, problem.weights,
+                                 all_classes=False, X_meta_val=problem.X_val, y_meta_val=problem.y_val)
+        b = _path(cfg, swapped, method, run=run.child("crossfit_b") if run is not None else None, record_path=True,
+                  **{**kw, "on_step": None, "progress": False})  # type: ignore[arg-type]
+        assert b.path_alpha is not None and b.path_W is not None
+        L = torch.cat([L, heldout_losses(b.path_W, problem.X_val, problem.y_val, cfg.guard.criterion)], dim=1)
+        masses = problem.weights.masses.to(alphas.device, alphas.dtype)
+        labels = problem.weights.labels.to(alphas.device)
+        alphas = torch.stack([geometric_combine([x, y], labels, masses) for x, y in zip(a.path_alpha, b.path_alpha)])
+        a.convergence = _merge_convergence(a.convergence, b.convergence)
+    choice = select_step(L, cfg.guard.z)
+    t = choice.step
+    alpha = alphas[t]
+    W = a.path_W[t] if mode == "select" and not cfg.guard.trusted_in_inner else final_head(cfg, problem, alpha,
+                                                                                         a.path_W[t])
+    a.alpha, a.W = alpha, W
+    a.score = alphas[max(t, 1)] if alphas.shape[0] > 1 else alpha
+    a.guard = {"mode": mode, "criterion": cfg.guard.criterion, "z": cfg.guard.z, "step": t,
+               "best_step": choice.best_step, "gain": choice.gain, "se": choice.se, "fell_back": choice.fell_back,
+               "heldout_loss": L.mean(1).tolist()}
+    return a
+
+
+def _merge_convergence(x: Dict[str, Any], y: Dict[str, Any]) -> Dict[str, Any]:
+    def worst(k: str) -> Any:
+        vals = [v for v in (x.get(k), y.get(k)) if v is not None]
+        return max(vals) if vals else None
+
+    return {**x, "converged": bool(x.get("converged", True) and y.get("converged", True)),
+            "unconverged_steps": int(x.get("unconverged_steps", 0)) + int(y.get("unconverged_steps", 0)),
+            "worst_rel_residual": worst("worst_rel_residual"), "worst_inner_grad_norm": worst("worst_inner_grad_norm")}
 
 
 def _tensorboard_writer_cls() -> Any:
@@ -280,6 +391,99 @@ def _tb_logger(writer: Any) -> Callable[[Dict[str, Any], torch.Tensor], None]:
         writer.add_histogram("alpha", alpha.detach().cpu(), step)
 
     return log_step
+
+
+def detection_scores(problem: BilevelProblem, W_uniform: torch.Tensor, method: HypergradMethod,
+                     learned: torch.Tensor, baselines: Dict[str, Any],
+                     attribution: Optional[Dict[str, torch.Tensor]] = None) -> Dict[str, torch.Tensor]:
+    r"""How clean each training sample looks to each detector (higher = cleaner), ``name -> (n,)``.
+
+    ``alpha`` (the learned ranking), ``uniform_loss`` (:math:`-\ell_i` under the uniform head),
+    ``hypergrad_step0`` (:math:`-\partial L_{trusted}/\partial\alpha_i` at uniform weights, on the whole
+    trusted set -- the data the learned weights saw: a sample whose up-weighting lowers the trusted loss
+    looks clean), the scores of the baselines that have one (``clean_only``: the clean head's probability of
+    the given label; ``knn``: neighbour agreement), and ``attribution`` scores (:func:`attribution_scores`).
+    """
+    ones = torch.ones(problem.inner.n, dtype=W_uniform.dtype, device=W_uniform.device)
+    Xt, yt = problem.trusted()
+    whole = BilevelProblem(problem.inner, Xt, yt, problem.weights)
+    out = {"alpha": learned, "uniform_loss": -problem.inner.sample_losses(W_uniform),
+           "hypergrad_step0": -method.val_alpha_grad(whole, W_uniform, ones).grad_alpha}
+    names = {"clean_only": "clean_only", "knn_clean": "knn"}
+    for b, name in names.items():
+        if b in baselines and baselines[b].score is not None:
+            out[name] = baselines[b].score
+    out.update(attribution or {})
+    return out
+
+
+def attribution_scores(cfg: RunConfig, fs: FeatureSet, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    r"""Each attribution method's :math:`\Delta_i` on the mean loss of the whole trusted set, under the uniform head.
+
+    :math:`\Delta_i = L_{trusted}(W^*_{-i}) - L_{trusted}(W^*)` (positive: sample ``i`` helps the trusted loss,
+    so it looks clean); the head is fitted in float64 (:func:`attribution_problem`). Methods from
+    :data:`reweight.attribution.ATTRIBUTION` (e.g. ``influence_cg``, ``representer``, ``tracin``, ``trak``).
+    """
+    from .attribution import make_attribution
+
+    if not names:
+        return {}
+    pr, _ = attribution_problem(cfg, fs)
+    Xt = _prep(cfg, fs.X_val, torch.float64)
+    yt = fs.y_val.to(Xt.device)
+    return {name: make_attribution(name, {}).fit(pr).scores(Xt, yt, reduce="mean") for name in names}
+
+
+def detection_table(scores: Dict[str, torch.Tensor], corrupted: torch.Tensor) -> Dict[str, Dict[str, float]]:
+    """AUROC and average precision of each score at separating clean (positive) from corrupted samples, and its
+    Spearman correlation with the learned ranking ``scores["alpha"]``."""
+    from scipy.stats import spearmanr
+    from sklearn.metrics import average_precision_score
+
+    c = corrupted.bool().cpu().numpy()
+    ref = scores["alpha"].detach().double().cpu().numpy()
+    out = {}
+    for name, sc in scores.items():
+        v = sc.detach().double().cpu().numpy()
+        both = bool(c.any() and (~c).any())
+        out[name] = {"auroc": weight_auroc(sc, corrupted) if both else None,
+                     "ap": float(average_precision_score(~c, v)) if both else None,
+                     "spearman_with_alpha": float(spearmanr(v, ref).statistic)}
+    return out
+
+
+def compare_methods(cfg: RunConfig, setup: HeadSetup, W_uniform: torch.Tensor, learned: BilevelOutcome,
+                    method: HypergradMethod) -> Tuple[Dict[str, Dict[str, Any]], Optional[Dict[str, Dict[str, float]]]]:
+    """Every method of the comparison on the same features and trusted set, and the detection table.
+
+    Returns ``(methods, detection)``: ``methods[name]`` holds the accuracy and loss on every evaluation set
+    (``val`` = meta-train is in-sample for the learned weights) plus the knob chosen on meta-val;
+    ``detection`` is None when the corruption is unknown.
+    """
+    from .baselines import make_baseline
+
+    problem, evals, fs = setup.problem, setup.evals, setup.features
+    methods: Dict[str, Dict[str, Any]] = {"uniform": evaluate_head(W_uniform, evals),
+                                          "carrot": {**evaluate_head(learned.W, evals), "guard": learned.guard}}
+    fitted: Dict[str, Any] = {}
+    for name in cfg.compare.baselines:
+        res = make_baseline(name, {"head_grad_tol": cfg.head.grad_tol, "head_max_iter": cfg.head.max_iter}).fit(
+            problem, seed=cfg.seed)
+        fitted[name] = res
+        knobs = {k: v for k, v in res.extra.items() if k.endswith("_selected")}
+        methods[name] = {**evaluate_head(res.W, evals), **knobs, "seconds": res.seconds}
+    if cfg.compare.oracle and fs.y_train_clean is not None and fs.corrupted is not None and bool(fs.corrupted.any()):
+        inner = HeadObjective(problem.inner.X, fs.y_train_clean.to(problem.inner.y.device), problem.inner.K,
+                              problem.inner.lam)
+        ones = torch.ones(inner.n, dtype=W_uniform.dtype, device=W_uniform.device)
+        methods["oracle"] = evaluate_head(solve_head(inner, ones, grad_tol=cfg.head.grad_tol,
+                                                     max_iter=cfg.head.max_iter).W, evals)
+    detection = None
+    if cfg.compare.detection and fs.corrupted is not None:
+        score = learned.score if learned.score is not None else learned.alpha
+        attr = {k: v.to(score.device, score.dtype) for k, v in attribution_scores(cfg, fs, cfg.compare.attribution).items()}
+        detection = detection_table(detection_scores(problem, W_uniform, method, score, fitted, attr), fs.corrupted)
+    return methods, detection
 
 
 def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
@@ -326,6 +530,9 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
                             method=method, on_step=_tb_logger(writer) if writer else None,
                             allow_unconverged=allow_unconverged)
         t_learned = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        methods, detection = compare_methods(cfg, setup, uni.W, out, method)
+        t_compare = time.perf_counter() - t0
     except BaseException as e:
         if not isinstance(e, KeyboardInterrupt):
             run.fail(f"{type(e).__name__}: {e}")
@@ -355,7 +562,10 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
         "feature_dim": fs.meta["feature_dim"], "feature_cache_hit": fs.meta["cache_hit"],
         "warmup_best_val_acc": max((h["val_acc"] for h in fs.meta["warmup_history"]), default=None),
         "uniform": evaluate_head(uni.W, setup.evals), "learned": evaluate_head(out.W, setup.evals),
-        "auroc": weight_auroc(out.alpha, fs.corrupted) if fs.corrupted is not None else None,
+        "auroc": detection["alpha"]["auroc"] if detection else None,
+        "methods": methods, "detection": detection, "guard": out.guard,
+        "n_meta_train": int(problem.X_val.shape[0]),
+        "n_meta_val": int(problem.X_meta_val.shape[0]) if problem.X_meta_val is not None else 0,
         "ess_ratio_min": float(after["ess_ratio"].min()),
         "mean_weight_clean": float(out.alpha[clean].mean()) if known and clean.any() else None,
         "mean_weight_corrupted": float(out.alpha[~clean].mean()) if known and (~clean).any() else None,
@@ -363,7 +573,7 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
         "converged": bool(out.convergence.get("converged", True) and uni.converged),
         "convergence": {**out.convergence, "uniform_head_grad_norm": uni.grad_norm},
         "seconds": {"features": t_features, "uniform_head": t_uniform, "learned": t_learned,
-                    "total": time.perf_counter() - t_start},
+                    "compare": t_compare, "total": time.perf_counter() - t_start},
         "config_hash": run.hash, "device": str(device), "source": fs.meta.get("source"), "identity": identity,
         "provenance": fs.meta.get("provenance"),
     }

@@ -272,6 +272,16 @@ class RunDir:
         short = lambda v: "(absent)" if v is None else str(v)[:12]  # noqa: E731
         return "; ".join(f"{k}: {short(old.get(k))} -> {short(self.identity.get(k))}" for k in keys) or "none"
 
+    def child(self, name: str) -> "RunDir":
+        """A sub-directory with its own checkpoints and metrics (e.g. the second path of a cross-fitted run), guarded
+        by this run's config: it is created with this run and replaced with it."""
+        sub = RunDir.__new__(RunDir)
+        sub.path, sub.cfg, sub.keep, sub.identity, sub.hash, sub.aside = (self.path / name, self.cfg, self.keep,
+                                                                          self.identity, self.hash, None)
+        sub.path.mkdir(parents=True, exist_ok=True)
+        sub.remove_stale_temporaries()
+        return sub
+
     def remove_stale_temporaries(self) -> int:
         """Delete temporary files a killed writer left behind (``.<name>.*.tmp``); returns how many."""
         stale = [p for d in (self.path, self.path / "checkpoints") if d.is_dir() for p in d.glob(".*.tmp")]

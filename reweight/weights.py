@@ -44,6 +44,7 @@ __all__ = [
     "entropy_per_class",
     "initial_s",
     "log_softplus",
+    "normalized_log_weights",
     "normalized_weights",
 ]
 
@@ -82,6 +83,16 @@ def _segment_logsumexp(v: torch.Tensor, labels: torch.Tensor, num_classes: int) 
         cmax = torch.where(torch.isfinite(cmax), cmax, torch.zeros_like(cmax))
     sums = torch.zeros(num_classes, dtype=v.dtype, device=v.device).index_add(0, labels, torch.exp(v - cmax[labels]))
     return cmax + torch.log(sums)
+
+
+def normalized_log_weights(u: torch.Tensor, labels: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
+    r""":math:`\alpha_i = m_{y_i}\exp(u_i) / \sum_{j: y_j=y_i}\exp(u_j)` (a per-class softmax of log-weights ``u``).
+
+    The parameterisation of exponentiated-gradient (mirror-descent) updates: :math:`u = 0` is uniform,
+    adding a constant to a class's ``u`` changes nothing, and every class keeps its mass :math:`m_c`.
+    """
+    lse = _segment_logsumexp(u, labels, masses.numel())
+    return masses.to(u.dtype)[labels] * torch.exp(u - lse[labels])
 
 
 def normalized_weights(s: torch.Tensor, labels: torch.Tensor, masses: torch.Tensor) -> torch.Tensor:
@@ -145,10 +156,14 @@ class WeightModel:
     beta_ess: float = 0.0
     ess_floor: float = 0.3
     ess_penalty: Literal["hinge", "log"] = "hinge"
+    parameterization: Literal["softplus", "exp"] = "softplus"
 
     def __post_init__(self) -> None:
         self.labels = torch.as_tensor(self.labels)
         check_labels(self.labels, self.num_classes, "training labels")
+        if self.parameterization not in ("softplus", "exp"):
+            raise ConfigError(f"The 'parameterization' parameter must be one of 'softplus', 'exp'. "
+                              f"Got {self.parameterization!r} instead.")
         if self.ess_penalty not in ("hinge", "log"):
             raise ConfigError(f"The 'ess_penalty' parameter must be one of 'hinge', 'log'. Got {self.ess_penalty!r} instead.")
         self.masses = class_masses(self.labels, self.num_classes, self.class_mass)
@@ -159,10 +174,17 @@ class WeightModel:
         return int(self.labels.numel())
 
     def alpha(self, s: torch.Tensor) -> torch.Tensor:
-        """Weights ``alpha(s)`` (see :func:`normalized_weights`)."""
+        """Weights ``alpha(s)``: class-normalised softplus (:func:`normalized_weights`) or, with
+        ``parameterization="exp"``, class-normalised exp (:func:`normalized_log_weights`)."""
         if s.shape != self.labels.shape:
             raise ConfigError(f"Expected s of shape {tuple(self.labels.shape)}, but got {tuple(s.shape)}.")
+        if self.parameterization == "exp":
+            return normalized_log_weights(s, self.labels.to(s.device), self.masses.to(s.device))
         return normalized_weights(s, self.labels.to(s.device), self.masses.to(s.device))
+
+    def initial(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The parameters of uniform weights (every :math:`\alpha_i = m_c/n_c`)."""
+        return torch.zeros(self.n, dtype=dtype) if self.parameterization == "exp" else initial_s(self.n, dtype)
 
     def entropy_penalty(self, alpha: torch.Tensor) -> torch.Tensor:
         r""":math:`R_H = \sum_c (n_c/n)(\log n_c - H_c)`."""
