@@ -97,12 +97,12 @@ def cells(cfg: TrustedConfig) -> List[Child]:
     logs = root / "logs"
     out: List[Child] = []
     for variant in ["default", *cfg.variants]:
-        for setting in cfg.settings:
-            noise, rate, imb = NOISE_SETTINGS[setting]
-            for size in cfg.sizes:
-                if variant != "default" and size not in cfg.variant_sizes:
-                    continue
-                for seed in cfg.seeds:
+        for seed in cfg.seeds:  # seed-major: an interrupted study has every cell at nearly the same number of seeds
+            for setting in cfg.settings:
+                noise, rate, imb = NOISE_SETTINGS[setting]
+                for size in cfg.sizes:
+                    if variant != "default" and size not in cfg.variant_sizes:
+                        continue
                     extra = [] if variant == "default" else VARIANTS[variant] + _NO_COMPARE
                     argv = ["--threads", "1", "--quiet", *cfg.overrides, f"data.noise={noise}", f"data.noise_rate={rate}",
                             f"data.imbalance_factor={imb}", f"data.trusted_size={size}", f"seed={seed}",
