@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List
 
@@ -18,7 +18,8 @@ from reweight.config import help_field as _f
 
 from .study import Context, Study, shim
 
-__all__ = ["BadInputsConfig", "CASES", "Case", "STUDY", "render_markdown", "run_case", "write_table"]
+__all__ = ["BadInputsConfig", "CASES", "CLI_CASES", "Case", "CliCase", "STUDY", "render_markdown", "run_case",
+           "run_cli_case", "write_table"]
 
 
 @dataclass(frozen=True)
@@ -179,10 +180,123 @@ def render_markdown() -> str:
     for c in CASES:
         msg = re.sub(re.escape(tempfile.gettempdir()) + r"/[^/\s]+", "<tmp>", run_case(c)).replace("|", "\\|")
         lines.append(f"| {c.what} | `{c.error.__name__}` | {msg} |")
+    lines += ["", "## On the command line", "",
+              "Each command exits with code 2 and one line on stderr, before any work: no run directory is created "
+              "and no file changes (checked by the tests).", "", "| bad input | command | message |", "|---|---|---|"]
+    for k in CLI_CASES:
+        cmd = " ".join(["carrot", *k.argv]).replace("{tmp}", "<tmp>").replace("|", "\\|")
+        msg = run_cli_case(k).replace("|", "\\|")
+        lines.append(f"| {k.what} | `{cmd}` | {msg} |")
     return "\n".join(lines) + "\n"
 
 
 CASES.extend(_cases())
+
+
+@dataclass(frozen=True)
+class CliCase:
+    """A bad command line: ``carrot ARGV`` (``{tmp}`` = a fresh folder holding the ``files`` given) must exit 2 with
+    one line ``error: ...`` matching ``message``, before any work: no run directory created, no file changed."""
+
+    what: str
+    argv: List[str]
+    message: str
+    files: Dict[str, str] = field(default_factory=dict)
+
+
+_RUN = ["run", "--quiet", "out_dir={tmp}/runs", "features.cache_dir={tmp}/cache", "name=x"]
+
+CLI_CASES: List[CliCase] = [
+    CliCase("YAML syntax error (file, line, column named)", ["run", "--config", "{tmp}/bad.yaml", "out_dir={tmp}/runs"],
+            r"bad\.yaml.*line \d+, column \d+", {"bad.yaml": "head:\n  lam: [0.1\n"}),
+    CliCase("config file that does not exist", ["run", "--config", "{tmp}/nope.yaml"], r"nope\.yaml"),
+    CliCase("unknown study", ["trusetd"], r"invalid choice: 'trusetd'"),
+    CliCase("unknown config key", _RUN + ["data.trusted=50"], r"Unknown config key 'data.trusted'"),
+    CliCase("string where a number is needed, in method options", _RUN + ["hypergrad.options={rtol: '1e-6'}"], r"rtol"),
+    CliCase("float for an int (no silent 2.5 -> 2)", _RUN + ["outer.steps=2.5"], r"'outer.steps'.*int.*2\.5"),
+    CliCase("float for an int in the head", _RUN + ["head.max_iter=2.5"], r"'head.max_iter'.*2\.5"),
+    CliCase("non-boolean for a boolean option", _RUN + ["hypergrad.options={warm_start: maybe}"], r"warm_start.*maybe"),
+    CliCase("infinite lambda", _RUN + ["head.lam=.inf"], r"'head.lam'.*finite"),
+    CliCase("negative lambda", _RUN + ["head.lam=-1"], r"'head.lam'"),
+    CliCase("infinite gradient tolerance", _RUN + ["head.grad_tol=.inf"], r"'head.grad_tol'.*finite"),
+    CliCase("NaN step size", _RUN + ["outer.lr=.nan"], r"'outer.lr'"),
+    CliCase("zero step size", _RUN + ["outer.lr=0"], r"'outer.lr'"),
+    CliCase("zero threads", ["run", "--threads", "0", "out_dir={tmp}/runs"], r"--threads: must be an int >= 1, got 0"),
+    CliCase("negative threads", ["run", "--threads", "-3", "out_dir={tmp}/runs"], r"--threads: must be an int >= 1"),
+    CliCase("seed beyond 64 bits", _RUN + ["seed=1180591620717411303424"], r"'seed'"),
+    CliCase("negative seed", _RUN + ["seed=-1"], r"'seed'"),
+    CliCase("unknown device", _RUN + ["device=gpu"], r"'device'.*gpu"),
+    CliCase("empty run name", ["run", "--quiet", "out_dir={tmp}/runs", "name="], r"'name'"),
+    CliCase("run name that climbs out of out_dir", ["run", "--quiet", "out_dir={tmp}/runs", "name=../escape"], r"'name'"),
+    CliCase("out_dir that is a file", ["run", "--quiet", "out_dir={tmp}/afile", "name=x"], r"out_dir.*not a directory|out_dir",
+            {"afile": "x"}),
+    CliCase("cache_dir that is a file", ["run", "--quiet", "out_dir={tmp}/runs", "features.cache_dir={tmp}/afile", "name=x"],
+            r"features.cache_dir", {"afile": "x"}),
+    CliCase("backbone name unknown to timm (close matches)", _RUN + ["backbone.model=resnet188"], r"resnet188.*resnet18"),
+    CliCase("backbone weights file that does not exist", _RUN + ["backbone.pretrained_file={tmp}/w.pth"], r"w\.pth"),
+    CliCase("unknown dataset", _RUN + ["data.dataset=imagenet"], r"'data.dataset'.*imagenet"),
+    CliCase("imagefolder without its folders", _RUN + ["data.dataset=imagefolder"], r"train_dir"),
+    CliCase("embeddings file that does not exist", _RUN + ["data.dataset=embeddings", "data.train_file={tmp}/f.npz",
+                                                          "data.trusted_file={tmp}/t.npz"], r"f\.npz"),
+    CliCase("labels file without a user source", _RUN + ["data.labels_file={tmp}/noisy.npy", "data.noise=none"],
+            r"'data.labels_file'.*user source"),
+    CliCase("unknown noise type", _RUN + ["data.noise=gaussian"], r"'data.noise'.*gaussian"),
+    CliCase("noise rate below 0", _RUN + ["data.noise_rate=-0.1"], r"'data.noise_rate'"),
+    CliCase("trusted set smaller than 2", _RUN + ["data.trusted_size=1"], r"'data.trusted_size'"),
+    CliCase("trusted set larger than the clean pool", _RUN + ["data.trusted_size=100000"], r"trusted_size.*100000"),
+    CliCase("meta-val fraction above 0.9", _RUN + ["data.meta_val_fraction=0.95"], r"'data.meta_val_fraction'"),
+    CliCase("guard without a meta-val split", _RUN + ["data.meta_val_fraction=0"], r"meta_val_fraction"),
+    CliCase("unknown guard mode", _RUN + ["guard.mode=sometimes"], r"'guard.mode'.*sometimes"),
+    CliCase("negative guard z", _RUN + ["guard.z=-1"], r"'guard.z'"),
+    CliCase("unknown outer optimizer", _RUN + ["outer.optimizer=rmsprop"], r"'outer.optimizer'.*rmsprop"),
+    CliCase("unknown baseline name", _RUN + ["compare.baselines=[knn_clen]"], r"knn_clen"),
+    CliCase("unknown attribution method", _RUN + ["compare.attribution=[influence_xx]"], r"influence_xx"),
+    CliCase("unknown hypergradient method", _RUN + ["hypergrad.method=newton"], r"newton"),
+    CliCase("unknown class-mass rule", _RUN + ["weights.class_mass=weird"], r"'weights.class_mass'.*weird"),
+    CliCase("trusted study: size below 2", ["trusted", "sizes=[1]", "out_dir={tmp}/runs"], r"'sizes'"),
+    CliCase("trusted study: unknown setting", ["trusted", "settings=[sym99]", "out_dir={tmp}/runs"], r"sym99"),
+    CliCase("paper: unknown step", ["paper", "steps=[nope]", "out={tmp}/paper"], r"'steps'.*nope"),
+]
+"""Bad command lines (``tests/test_bad_inputs.py`` runs each one; ``docs/bad_inputs.md`` prints them)."""
+
+
+def run_cli_case(case: CliCase) -> str:
+    """Run ``carrot`` on ``case``; return its one error line (AssertionError if the exit code, the line, the
+    message or the untouched folder are not as promised)."""
+    import contextlib
+    import io
+    import os
+
+    from .cli import main
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, text in case.files.items():
+            Path(tmp, name).write_text(text)
+        before = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*"))
+        contents = {p: Path(tmp, p).read_bytes() for p in before if Path(tmp, p).is_file()}
+        err, out = io.StringIO(), io.StringIO()
+        cwd = os.getcwd()
+        try:
+            os.chdir(tmp)
+            with contextlib.redirect_stderr(err), contextlib.redirect_stdout(out):
+                try:
+                    rc = main([a.replace("{tmp}", tmp) for a in case.argv])
+                except SystemExit as e:  # argparse
+                    rc = e.code
+        finally:
+            os.chdir(cwd)
+        after = sorted(str(p.relative_to(tmp)) for p in Path(tmp).rglob("*"))
+        lines = [x for x in err.getvalue().splitlines() if x.strip()]
+        msg = lines[-1] if lines else ""
+        if rc != 2:
+            raise AssertionError(f"{case.what}: exit code {rc}, expected 2 (stderr {err.getvalue()!r})")
+        if len([x for x in lines if re.match(r"^(carrot[\w ]*: )?error:", x)]) != 1 or "Traceback" in err.getvalue():
+            raise AssertionError(f"{case.what}: expected one 'error:' line, got {err.getvalue()!r}")
+        if not re.search(case.message, msg):
+            raise AssertionError(f"{case.what}: message {msg!r} does not match {case.message!r}")
+        if after != before or any(Path(tmp, p).read_bytes() != b for p, b in contents.items()):
+            raise AssertionError(f"{case.what}: the command created or changed files: {sorted(set(after) - set(before))}")
+        return msg.replace(tmp, "<tmp>")
 
 
 @dataclass(frozen=True)
@@ -202,7 +316,7 @@ def write_table(cfg: BadInputsConfig, ctx: Context) -> Dict[str, Any]:
     out = Path(cfg.out)
     atomic_write_text(out, f"# Bad inputs and the errors they give\n\nGenerated by `{COMMAND}`; "
                       "`tests/test_bad_inputs.py` checks every row.\n\n" + render_markdown())
-    return {"out": str(out), "cases": len(CASES)}
+    return {"out": str(out), "cases": len(CASES) + len(CLI_CASES)}
 
 
 STUDY = Study(name="bad_inputs", summary="the table of bad inputs and the error each gives (docs/bad_inputs.md)",

@@ -42,12 +42,26 @@ def format_summary(summary: Dict[str, Any]) -> str:
         f"dataset={summary['dataset']} noise={summary['noise']}@{summary['noise_rate']} "
         f"n_train={summary['n_train']} method={summary['method']}",
         f"test accuracy   uniform {u['test_acc']:.4f}   learned {lrn['test_acc']:.4f}",
-        f"val accuracy    uniform {u['val_acc']:.4f}   learned {lrn['val_acc']:.4f}",
+        f"val accuracy    uniform {u['val_acc']:.4f}   learned {lrn['val_acc']:.4f}   (meta-train: in-sample for learned)",
         "AUROC of alpha (clean vs corrupted): " + ("unknown (no ground truth: user labels without synthetic noise "
                                                    "or clean labels)" if summary["auroc"] is None
                                                    else f"{summary['auroc']:.4f}"),
         f"min per-class ESS/n_c: {summary['ess_ratio_min']:.3f}   mean weight clean "
         f"{_num(summary['mean_weight_clean'])} / corrupted {_num(corrupted)}",
+    ]
+    methods = summary.get("methods") or {}
+    if methods:
+        lines.append("test accuracy by method (same features and trusted set): "
+                     + ", ".join(f"{k} {v['test_acc']:.4f}" for k, v in methods.items()))
+    g = summary.get("guard") or {}
+    if g.get("mode", "off") != "off":
+        lines.append(f"guard ({g['mode']}, {g.get('criterion')}, z={g.get('z')}): kept outer step {g['step']}"
+                     + (" = uniform weights (no held-out gain beyond noise)" if g["step"] == 0 else ""))
+    det = summary.get("detection") or {}
+    if det:
+        lines.append("noise detection AUROC: " + ", ".join(f"{k} {v['auroc']:.3f}" for k, v in det.items()
+                                                              if v.get("auroc") is not None))
+    lines += [
         ("converged" if summary.get("converged", True) else "NOT CONVERGED (marked; see summary.json convergence)"),
         f"time: total {summary['seconds']['total']:.1f}s (features {summary['seconds']['features']:.1f}s, "
         f"learned weights {summary['seconds']['learned']:.1f}s)",

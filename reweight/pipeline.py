@@ -486,6 +486,21 @@ def compare_methods(cfg: RunConfig, setup: HeadSetup, W_uniform: torch.Tensor, l
     return methods, detection
 
 
+def _check_splits(cfg: RunConfig, source: Any) -> None:
+    """Draw the splits once (cheap: no warm-up) so that a trusted set larger than the pool, a class missing from a
+    split, ... is one DataError before the run directory exists."""
+    d = cfg.data
+    if d.dataset in EMBEDDED_DATASETS:
+        from .data import load_dataset, prepare_data
+
+        prepare_data(load_dataset(d.dataset), d.val_fraction, d.test_fraction, d.noise, d.noise_rate,
+                     d.imbalance_factor, cfg.seed, trusted_size=d.trusted_size, meta_val_fraction=d.meta_val_fraction)
+    else:
+        from .sources import source_splits
+
+        source_splits(source, d, cfg.seed)
+
+
 def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
              allow_unconverged: bool = False) -> Dict[str, Any]:
     """Run (or resume) the main job of ``cfg``: uniform vs learned weights on the frozen features.
@@ -510,6 +525,7 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
         from .sources import load_source
 
         source = load_source(cfg.data, cfg.backbone, progress=progress)
+    _check_splits(cfg, source)
     identity = run_identity(cfg.data, cfg.backbone, source)
     run = RunDir(Path(cfg.out_dir) / cfg.name, cfg, overwrite=overwrite, identity=identity)
     run.write_env(cfg.seed, str(device))

@@ -92,3 +92,20 @@ def test_tensorboard_logging(tmp_path):
     assert main(args) == 0
     events = list((tmp_path / "runs" / "tb" / "tensorboard").glob("events.out.tfevents.*"))
     assert events and events[0].stat().st_size > 0
+
+
+def test_summary_contract_methods_and_detection(runs):
+    """`carrot run` writes every method of the comparison and the detection table (issue contract, checked by name)."""
+    s = json.loads((runs / "a" / "summary.json").read_text())
+    for m in ("uniform", "carrot", "clean_only", "train_plus_clean", "loss_filter", "knn_clean", "oracle"):
+        assert {"test_acc", "test_loss", "meta_val_acc", "val_acc", "train_acc"} <= set(s["methods"][m]), m
+    for d in ("alpha", "uniform_loss", "knn", "hypergrad_step0", "clean_only", "influence_cg", "representer", "tracin",
+              "trak"):
+        assert 0 <= s["detection"][d]["auroc"] <= 1, d
+    assert s["detection"]["alpha"]["spearman_with_alpha"] == 1.0
+    assert s["methods"]["carrot"]["test_acc"] == s["learned"]["test_acc"]
+    assert s["methods"]["uniform"]["test_acc"] == s["uniform"]["test_acc"]
+    assert s["guard"]["mode"] == "crossfit" and 0 <= s["guard"]["step"] <= 4
+    assert s["n_meta_train"] > 0 and s["n_meta_val"] > 0
+    assert s["auroc"] == s["detection"]["alpha"]["auroc"]
+    assert (runs / "a" / "crossfit_b" / "metrics.jsonl").is_file()  # the second path of the cross-fit, resumable
