@@ -15,6 +15,11 @@ convention (positive: removing the sample would raise the validation loss):
     \\hat\\Delta_i = \\frac{1}{n}\\,\\nabla L_{val}(W^*)^\\top H^{-1} \\nabla \\ell_i(W^*),
     \\qquad \\Delta_i = L_{val}(W^*_{-i}) - L_{val}(W^*) \\text{ (exact LOO, ground truth)}.
 
+TorchOpt (``custom_root`` + ``solve_cg``, the ``bench`` extra) runs on the identical objective, interleaved with
+CARROT at one thread each: solve-only rows (W* given, rtol 1e-10) and end-to-end rows (its ``torch.optim.LBFGS``
+fit vs CARROT's Newton fit, both to ``||grad F|| <= 1e-8``), median CPU seconds and the median paired ratio
+(``torchopt.csv``).
+
 Methods: CARROT's :func:`reweight.streaming.influence_on_val_loss` (dense Cholesky and CG), Captum's
 ``NaiveInfluenceFunction`` (explicit autograd Hessian; with ``hessian_reg = n·lambda`` and full rank it
 is the same estimator, since Captum sums the per-sample Hessians) and ``ArnoldiInfluenceFunction``
@@ -34,7 +39,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict
+from typing import Any, ClassVar, Dict, List
 
 import numpy as np
 import torch
@@ -125,6 +130,118 @@ def _captum_methods(inner, W, Xv, yv, lam: float, tmp: Path) -> Dict[str, Any]:
     return {"captum_naive": naive, "captum_arnoldi": arnoldi}
 
 
+def torchopt_influence(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, lam: float,
+                       W_star: torch.Tensor, alpha: torch.Tensor, rtol: float = 1e-10, maxiter: int = 5000):
+    r"""All-train influence on the mean validation loss by TorchOpt's implicit differentiation, on the identical objective.
+
+    :math:`F(W,\alpha) = \frac1n\sum_i\alpha_i\ell_i(W) + \frac\lambda2\|W\|^2`; ``custom_root`` with the closed-form
+    optimality condition :math:`\nabla_W F = \frac1n(\alpha\odot(P-Y))^\top X + \lambda W` (the fastest one a
+    TorchOpt user can write) and ``solve_cg(rtol, maxiter)``; :math:`\hat\Delta_i = -\alpha_i\,\partial L_{val}/\partial\alpha_i`
+    (DESIGN sign). Returns ``(scores, hvps)``. Reference: TorchOpt (Ren et al., JMLR 2023), ``torchopt.diff.implicit``.
+    """
+    import torch.nn.functional as Fn
+    import torchopt
+
+    n = X.shape[0]
+    Y = Fn.one_hot(y, W_star.shape[0]).to(X.dtype)
+    hvps = [0]
+
+    def optimality(W, a):
+        return (a[:, None] * (torch.softmax(X @ W.T, dim=1) - Y)).T @ X / n + lam * W
+
+    base = torchopt.linear_solve.solve_cg(rtol=rtol, maxiter=maxiter)
+
+    def solve(matvec, b):
+        def counted(v):
+            hvps[0] += 1
+            return matvec(v)
+        return base(counted, b)
+
+    @torchopt.diff.implicit.custom_root(optimality, argnums=1, solve=solve)
+    def inner(W0, a):
+        return W_star.clone()
+
+    a = alpha.detach().clone().requires_grad_(True)
+    W = inner(W_star.detach().clone().requires_grad_(True), a)
+    (g,) = torch.autograd.grad(Fn.cross_entropy(Xv @ W.T, yv), a)
+    return -alpha * g, hvps[0]
+
+
+def lbfgs_fit(X: torch.Tensor, y: torch.Tensor, K: int, lam: float, alpha: torch.Tensor, grad_tol: float,
+              max_iter: int = 20000) -> torch.Tensor:
+    """The fit a TorchOpt user writes: ``torch.optim.LBFGS`` (strong Wolfe, autograd) on the same objective, stopped
+    when :math:`\\max|\nabla F|\\le` ``grad_tol``:math:`/\\sqrt{KD}` (so :math:`\\|\nabla F\\|_2\\le` ``grad_tol``)."""
+    import math
+
+    import torch.nn.functional as Fn
+
+    n, D = X.shape
+    W = torch.zeros(K, D, dtype=X.dtype, requires_grad=True)
+    opt = torch.optim.LBFGS([W], lr=1.0, max_iter=max_iter, max_eval=2 * max_iter, history_size=20,
+                            tolerance_grad=grad_tol / math.sqrt(K * D), tolerance_change=1e-30,
+                            line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        F = (alpha * Fn.cross_entropy(X @ W.T, y, reduction="none")).sum() / n + 0.5 * lam * (W * W).sum()
+        F.backward()
+        return F
+
+    opt.step(closure)
+    return W.detach()
+
+
+def _torchopt_rows(inner, W, alpha, Xv, yv, lam: float, rounds: int) -> List[Dict[str, Any]]:
+    """TorchOpt vs CARROT, interleaved, one thread each, median CPU seconds and paired ratios: solve only (W* given,
+    rtol 1e-10) and end to end (fit to ||grad F|| <= 1e-8 included)."""
+    import statistics
+
+    from reweight.head import solve_head
+    from reweight.streaming import influence_on_val_loss
+
+    X, y, K = inner.X, inner.y, inner.K
+    ref = influence_on_val_loss(inner, Xv, yv, W, alpha, method="dense")[0]
+
+    def carrot_solve():
+        s, hg = influence_on_val_loss(inner, Xv, yv, W, alpha, method="cg", rtol=1e-10, max_iter=5000)
+        return s, hg.hvps
+
+    def torchopt_solve():
+        return torchopt_influence(X, y, Xv, yv, lam, W, alpha)
+
+    def carrot_e2e():
+        sol = solve_head(inner, alpha, grad_tol=1e-8)
+        s, hg = influence_on_val_loss(inner, Xv, yv, sol.W, alpha, method="cg", rtol=1e-10, max_iter=5000)
+        return s, hg.hvps
+
+    def torchopt_e2e():
+        return torchopt_influence(X, y, Xv, yv, lam, lbfgs_fit(X, y, K, lam, alpha, 1e-8), alpha)
+
+    rows = []
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind, pair in (("solve", (carrot_solve, torchopt_solve)), ("end_to_end", (carrot_e2e, torchopt_e2e))):
+            ts: Dict[str, List[float]] = {"carrot": [], "torchopt": []}
+            info: Dict[str, Any] = {}
+            for r in range(rounds + 1):  # round 0 warms up
+                for name, f in zip(("carrot", "torchopt"), pair):
+                    t = time.process_time()
+                    s, hvps = f()
+                    dt = time.process_time() - t
+                    if r:
+                        ts[name].append(dt)
+                    info[name] = (hvps, float((s - ref).abs().max() / ref.abs().max()))
+            ratio = statistics.median(a / b for a, b in zip(ts["torchopt"], ts["carrot"]))
+            for name in ("carrot", "torchopt"):
+                rows.append({"kind": kind, "method": name, "cpu_seconds_median": statistics.median(ts[name]),
+                             "hvps": info[name][0], "max_rel_diff_vs_dense": info[name][1],
+                             "torchopt_over_carrot": ratio})
+    finally:
+        torch.set_num_threads(prev)
+    return rows
+
+
 def run_bench(cfg: BenchLibrariesConfig, progress: bool = False) -> Dict[str, Any]:
     """Run the comparison of ``cfg``; write ``<out_dir>/<name>/results.csv`` and the summary; return both."""
     import pandas as pd
@@ -180,6 +297,14 @@ def run_bench(cfg: BenchLibrariesConfig, progress: bool = False) -> Dict[str, An
             rows.append({"method": name, "seconds": sec, "pearson_vs_loo": float(pearsonr(sub, truth)[0]),
                          "spearman_vs_loo": float(spearmanr(sub, truth)[0]),
                          "sign_agreement": float(np.mean(np.sign(sub) == np.sign(truth)))})
+    try:
+        import torchopt  # noqa: F401
+
+        vs_torchopt = pd.DataFrame(_torchopt_rows(inner, W, alpha, Xv, yv, lam, cfg.repeats))
+        run.write_text("torchopt.csv", vs_torchopt.to_csv(index=False, float_format="%.6g"))
+    except ImportError as e:
+        vs_torchopt = None
+        skipped["torchopt"] = f"not installed ({e}): pip install -e '.[bench]'"
     df = pd.DataFrame(rows)
     ref = scores.get("carrot_dense")
     if ref is not None:
@@ -195,9 +320,11 @@ def run_bench(cfg: BenchLibrariesConfig, progress: bool = False) -> Dict[str, An
         summary.update(fastest_carrot=best_ours.method, fastest_other=fastest.method,
                        speedup_vs_fastest_other=float(fastest.seconds / best_ours.seconds),
                        carrot_pearson=float(best_ours.pearson_vs_loo), other_pearson=float(fastest.pearson_vs_loo))
+    if vs_torchopt is not None:
+        summary["torchopt"] = {k: float(g["torchopt_over_carrot"].iloc[0]) for k, g in vs_torchopt.groupby("kind")}
     run.write_text("results.csv", df.to_csv(index=False, float_format="%.6g"))
     run.finish(summary)
-    return {"table": df, "summary": summary, "run_dir": str(run.path)}
+    return {"table": df, "torchopt": vs_torchopt, "summary": summary, "run_dir": str(run.path)}
 
 
 def _report(res: Dict[str, Any]) -> str:
@@ -206,6 +333,8 @@ def _report(res: Dict[str, Any]) -> str:
         table = df.to_markdown(index=False, floatfmt=".4g")
     except ImportError:  # tabulate is optional
         table = df.to_string(index=False)
+    if res.get("torchopt") is not None:
+        table += "\n\nvs TorchOpt (one thread, interleaved, median CPU seconds):\n" + res["torchopt"].to_string(index=False)
     return f"{table}\n{json.dumps(res['summary'], indent=2, sort_keys=True)}\nrun directory: {res['run_dir']}"
 
 
