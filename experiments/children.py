@@ -81,7 +81,7 @@ def _stop(proc: subprocess.Popen, grace: float) -> None:
 
 
 def run_children(children: Sequence[Child], jobs: int = 2, timeout: Optional[float] = None,
-                 on_event: Callable[[str], None] = print, grace: float = 2.0) -> None:
+                 on_event: Callable[[str], None] = print, grace: float = 1.5) -> None:
     """Run ``children`` ``jobs`` at a time, in list order; each gets its status, wall and CPU seconds.
 
     CPU seconds are the child's user + sys time (``wait4``), which the machine's load does not change.

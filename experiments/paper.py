@@ -16,7 +16,8 @@ so a crash in one does not stop the others, and its exact command is recorded):
 3. ``hypergrad_accuracy``: the approximation ladder vs exact;
 4. ``sanity``: attribution estimators vs exact leave-one-out;
 5. ``faithfulness``: remove / keep top-K supporters;
-6. ``staged``: head-only vs staged training.
+6. ``staged``: head-only vs staged training;
+7. ``trusted``: learned weights vs uniform and the baselines across trusted-set sizes and noise (paired).
 
 A step whose study is not registered in this checkout is skipped with a line in ``INDEX.md``;
 finished run directories are reused on a rerun (each experiment resumes / skips its finished runs),
@@ -61,7 +62,7 @@ SEEDS = (0, 1, 2)
 
 #: step name -> the study it runs (``main_job`` is the main job, run once per seed)
 STEPS: Dict[str, str] = {"main_job": "run", "noise_grid": "noise_grid", "hypergrad_accuracy": "hypergrad_accuracy",
-                         "sanity": "sanity", "faithfulness": "faithfulness", "staged": "staged"}
+                         "sanity": "sanity", "faithfulness": "faithfulness", "staged": "staged", "trusted": "trusted"}
 
 GRIDS: Dict[str, Dict[str, List[str]]] = {
     "quick": {
@@ -73,6 +74,7 @@ GRIDS: Dict[str, Dict[str, List[str]]] = {
         "faithfulness": ["base.data.dataset=digits", "base.backbone.epochs=6", "ks=[1, 10, 50]",
                          "methods=[hypergrad_cg, influence_cg, influence_kfac, representer, tracin]"],
         "staged": [],
+        "trusted": ["jobs=1"],
     },
     "full": {
         "main_job": [],
@@ -81,6 +83,7 @@ GRIDS: Dict[str, Dict[str, List[str]]] = {
         "sanity": [],
         "faithfulness": ["n_queries=10", "n_random=2"],
         "staged": ["seeds=[0]"],  # one seed: its five strategies take ~30 CPU-minutes
+        "trusted": ["jobs=1"],  # 160 cells + variants, one at a time beside the other steps (~2 CPU-hours)
     },
 }
 """Overrides per grid and step (after the study's own ``--quick`` list, so they win). Every step also
@@ -88,7 +91,7 @@ runs with ``--threads 1`` (results do not depend on the machine's core count) an
 ``<out>/.feature_cache`` (a fresh output folder recomputes everything; a rerun reuses it)."""
 
 #: the feature-cache key of each study's config
-_CACHE_KEY = {"run": "features.cache_dir"}
+_CACHE_KEY = {"run": "features.cache_dir", "trusted": "cache_dir"}
 
 
 @dataclass(frozen=True)
@@ -161,11 +164,13 @@ def plan(out: Path, quick: bool) -> List[Step]:
                              str(R / "faithfulness" / "main"), "faithfulness: remove / keep top-K supporters"),
         "staged": Step("staged", "staged", argv("staged", f"out={R / 'staged'}"), str(R / "staged"),
                        "staged training strategies"),
+        "trusted": Step("trusted", "trusted", argv("trusted", f"out_dir={R}", "name=trusted"), str(R / "trusted"),
+                        "trusted-set study: learned weights vs uniform and baselines across sizes and noise"),
     }
     # execution order with two workers: the longest steps start early; main seed 0 first builds the
     # seed-0 features that sanity / faithfulness / hypergrad_accuracy then read from the cache
-    return [main[0], other["staged"], main[1], other["faithfulness"], main[2], other["sanity"], other["noise_grid"],
-            other["hypergrad_accuracy"]]
+    return [main[0], other["trusted"], other["staged"], main[1], other["faithfulness"], main[2], other["sanity"],
+            other["noise_grid"], other["hypergrad_accuracy"]]
 
 
 def _study_exists(study: str) -> bool:
@@ -202,7 +207,8 @@ def run_steps(steps: Sequence[Step], log_dir: Path, timeout: Optional[float] = N
             todo.append(st)
             kids.append(Child(st.name, st.study, st.argv, log_dir / f"{st.name}.log"))
     try:
-        run_children(kids, jobs=jobs, timeout=timeout, on_event=lambda m: _say(f"[paper] {m}"))
+        # a longer grace than the steps' own (1.5 s): a multi-step step (trusted) ends its children first
+        run_children(kids, jobs=jobs, timeout=timeout, on_event=lambda m: _say(f"[paper] {m}"), grace=3.0)
     finally:
         for st, c in zip(todo, kids):
             st.status, st.seconds, st.cpu_seconds, st.message = c.status, c.seconds, c.cpu_seconds, c.message

@@ -29,6 +29,15 @@ def _children_of(pid: int):
     return [int(x) for x in out.split()]
 
 
+def _descendants(pid: int):
+    out, todo = [], [pid]
+    while todo:
+        kids = _children_of(todo.pop())
+        out += kids
+        todo += kids
+    return out
+
+
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_paper_stops_within_seconds_and_exits_130(tmp_path, sig):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CI="1")
@@ -40,7 +49,8 @@ def test_paper_stops_within_seconds_and_exits_130(tmp_path, sig):
         kids = _children_of(proc.pid)
         time.sleep(0.2)
     assert len(kids) >= 1, "no step started"
-    time.sleep(1.0)
+    time.sleep(3.0)  # the trusted step has started its own cells by now
+    kids = _descendants(proc.pid)
     t0 = time.time()
     proc.send_signal(sig)
     out, err = proc.communicate(timeout=30)
