@@ -39,7 +39,7 @@ from reweight.errors import ConfigError
 from reweight.pipeline import attribution_problem, draw_subset, features
 from reweight.runs import RunDir
 
-from .study import Context, Study, shim
+from .study import Context, Study, shim, table_report
 
 __all__ = ["FaithfulnessConfig", "STUDY", "run_faithfulness"]
 
@@ -155,12 +155,8 @@ def _run(cfg: FaithfulnessConfig, ctx: Context) -> Dict[str, Any]:
     return run_faithfulness(cfg, overwrite=ctx.overwrite, progress=ctx.progress)
 
 
-def _report(res: Dict[str, Any]) -> str:
-    return f"{res['table']}\nrun directory: {res['run_dir']} ({res['seconds']:.1f}s)"
-
-
 STUDY = Study(name="faithfulness", summary="retrain without / with only each query's top-K supporters vs K random",
-              config=FaithfulnessConfig, run=_run, report=_report, quick=QUICK, threads_key="base.threads",
+              config=FaithfulnessConfig, run=_run, report=table_report, quick=QUICK, threads_key="base.threads",
               description=__doc__ or "")
 
 if __name__ == "__main__":

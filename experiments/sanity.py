@@ -54,7 +54,7 @@ from reweight.features import FeatureSet
 from reweight.pipeline import attribution_problem, draw_subset, features
 from reweight.runs import RunDir
 
-from .study import Context, Study, shim
+from .study import Context, Study, shim, table_report
 
 __all__ = ["CORRELATIONS", "STUDY", "SanityConfig", "correlations", "markdown_table", "run_sanity", "summarize"]
 
@@ -266,12 +266,8 @@ def _run(cfg: SanityConfig, ctx: Context) -> Dict[str, Any]:
     return run_sanity(cfg, overwrite=ctx.overwrite, progress=ctx.progress)
 
 
-def _report(res: Dict[str, Any]) -> str:
-    return f"{res['table']}\nrun directory: {res['run_dir']} ({res['seconds']:.1f}s)"
-
-
 STUDY = Study(name="sanity", summary="every attribution estimator against exact leave-one-out",
-              config=SanityConfig, run=_run, report=_report, quick=QUICK, threads_key="base.threads",
+              config=SanityConfig, run=_run, report=table_report, quick=QUICK, threads_key="base.threads",
               description=__doc__ or "")
 
 if __name__ == "__main__":

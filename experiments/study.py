@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["Context", "STUDIES", "Study", "legacy_flags_to_overrides", "load_study", "shim"]
+__all__ = ["Context", "STUDIES", "Study", "legacy_flags_to_overrides", "load_study", "shim", "table_report"]
 
 #: study name -> module defining ``STUDY`` (imported on use).
 STUDIES: Dict[str, str] = {
@@ -85,6 +85,11 @@ class Study:
     threads_key: Optional[str] = "threads"
     legacy_flags: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
+
+
+def table_report(res: Mapping[str, Any]) -> str:
+    """The report of a study whose result holds ``table`` (text), ``run_dir`` and ``seconds``."""
+    return f"{res['table']}\nrun directory: {res['run_dir']} ({res['seconds']:.1f}s)"
 
 
 def load_study(name: str) -> Study:

@@ -129,9 +129,11 @@ def _rms_normalised(g: torch.Tensor) -> torch.Tensor:
 def _row(step: int, problem: BilevelProblem, alpha: torch.Tensor, sol: HeadSolution, hg, evals, corrupted,
          t_inner: float) -> Dict[str, Any]:
     K = problem.inner.K
-    labels = problem.weights.labels.to(alpha.device)
+    wm = problem.weights
+    assert wm is not None  # run_bilevel checked it
+    labels = wm.labels.to(alpha.device)
     ess = ess_per_class(alpha, labels, K)
-    counts = problem.weights.counts.to(alpha.device, alpha.dtype)
+    counts = wm.counts.to(alpha.device, alpha.dtype)
     ratio = (ess / counts.clamp_min(1)).tolist()
     row: Dict[str, Any] = {
         "step": step,
@@ -206,13 +208,16 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
 
     tol = renamed_option(grad_tol, tol, "tol", "grad_tol", "run_bilevel", 1e-6)
     check_choice(optimizer, "optimizer", "run_bilevel", OPTIMIZERS)
+    wm = problem.weights
+    if wm is None:
+        raise ConfigError("run_bilevel needs a BilevelProblem with a WeightModel (weights=None given).")
     check_choice(schedule, "schedule", "run_bilevel", ("constant", "inv_sqrt"))
-    if optimizer == "eg" and problem.weights.parameterization != "exp":
+    if optimizer == "eg" and wm.parameterization != "exp":
         raise ConfigError("The 'eg' optimizer needs a weight model with parameterization='exp' (s are log-weights).")
     evals = evals or {}
     dtype, device = problem.inner.rows.dtype, problem.inner.rows.device
-    labels = problem.weights.labels.to(device)
-    s = problem.weights.initial(dtype).to(device).requires_grad_(True)
+    labels = wm.labels.to(device)
+    s = wm.initial(dtype).to(device).requires_grad_(True)
     opt = torch.optim.Adam([s], lr=lr)
     W: Optional[torch.Tensor] = None
     v: Optional[torch.Tensor] = None
@@ -244,7 +249,7 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
             run.write_metrics(metrics)
 
     for step in tqdm(range(start, steps), desc="outer", disable=not progress, initial=start, total=steps):
-        alpha = problem.weights.alpha(s.detach())
+        alpha = wm.alpha(s.detach())
         t0 = time.perf_counter()
         sol = solve_head(problem.inner, alpha, W0=W, grad_tol=tol, max_iter=max_iter)
         t_inner = time.perf_counter() - t0
@@ -287,7 +292,7 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
         if (step + 1) % checkpoint_every == 0 or step + 1 == steps:
             checkpoint(step + 1)
 
-    alpha = problem.weights.alpha(s.detach())
+    alpha = wm.alpha(s.detach())
     final = solve_head(problem.inner, alpha, W0=W, grad_tol=tol, max_iter=max_iter)
     if record_path:
         path_a.append(alpha.detach().clone())

@@ -203,6 +203,22 @@ def bilevel_problem(cfg: RunConfig, X_train: torch.Tensor, y_train: torch.Tensor
     return BilevelProblem(inner, Xv[~mv], yv[~mv], wm, X_meta_val=Xv[mv], y_meta_val=yv[mv])
 
 
+def _train_X(problem: BilevelProblem) -> torch.Tensor:
+    """The training rows of an in-memory problem (the comparison and the trusted-in-head fit need them)."""
+    from .rows import TensorRows
+
+    rows = problem.inner.rows
+    if not isinstance(rows, TensorRows):
+        raise ConfigError(f"The comparison needs in-memory training features; got a {type(rows).__name__} source.")
+    return rows.X
+
+
+def _weights(problem: BilevelProblem) -> WeightModel:
+    if problem.weights is None:
+        raise ConfigError("Learning weights needs a BilevelProblem with a WeightModel (weights=None given).")
+    return problem.weights
+
+
 def head_problem(cfg: RunConfig, fs: FeatureSet) -> HeadSetup:
     """The bilevel problem of ``cfg`` on features ``fs`` (bias column, dtype, device) and its evaluation sets.
 
@@ -212,7 +228,7 @@ def head_problem(cfg: RunConfig, fs: FeatureSet) -> HeadSetup:
     """
     dev = resolve_device(cfg.device)
     problem = bilevel_problem(cfg, fs.X_train, fs.y_train, fs.X_val, fs.y_val, fs.num_classes, fs.meta_val)
-    evals: Evals = {"train": (problem.inner.X, problem.inner.y), "val": (problem.X_val, problem.y_val)}
+    evals: Evals = {"train": (_train_X(problem), problem.inner.y), "val": (problem.X_val, problem.y_val)}
     if problem.has_meta_val:
         assert problem.X_meta_val is not None and problem.y_meta_val is not None
         evals["meta_val"] = (problem.X_meta_val, problem.y_meta_val)
@@ -287,7 +303,7 @@ def final_head(cfg: RunConfig, problem: BilevelProblem, alpha: torch.Tensor, W0:
     if not cfg.guard.trusted_in_inner:
         return solve_head(problem.inner, alpha, W0=W0, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter).W
     Xt, yt = problem.trusted()
-    obj = HeadObjective(torch.cat([problem.inner.X, Xt]), torch.cat([problem.inner.y, yt]), problem.inner.K,
+    obj = HeadObjective(torch.cat([_train_X(problem), Xt]), torch.cat([problem.inner.y, yt]), problem.inner.K,
                         problem.inner.lam)
     a = torch.cat([alpha, torch.ones(yt.numel(), dtype=alpha.dtype, device=alpha.device)])
     return solve_head(obj, a, W0=W0, grad_tol=cfg.head.grad_tol, max_iter=cfg.head.max_iter).W
@@ -342,8 +358,8 @@ def learn_weights(cfg: RunConfig, problem: BilevelProblem, *, evals: Optional[Ev
                   **{**kw, "on_step": None, "progress": False})  # type: ignore[arg-type]
         assert b.path_alpha is not None and b.path_W is not None
         L = torch.cat([L, heldout_losses(b.path_W, problem.X_val, problem.y_val, cfg.guard.criterion)], dim=1)
-        masses = problem.weights.masses.to(alphas.device, alphas.dtype)
-        labels = problem.weights.labels.to(alphas.device)
+        masses = _weights(problem).masses.to(alphas.device, alphas.dtype)
+        labels = _weights(problem).labels.to(alphas.device)
         alphas = torch.stack([geometric_combine([x, y], labels, masses) for x, y in zip(a.path_alpha, b.path_alpha)])
         a.convergence = _merge_convergence(a.convergence, b.convergence)
     choice = select_step(L, cfg.guard.z)
@@ -434,7 +450,7 @@ def attribution_scores(cfg: RunConfig, fs: FeatureSet, names: Sequence[str]) -> 
     return {name: make_attribution(name, {}).fit(pr).scores(Xt, yt, reduce="mean") for name in names}
 
 
-def detection_table(scores: Dict[str, torch.Tensor], corrupted: torch.Tensor) -> Dict[str, Dict[str, float]]:
+def detection_table(scores: Dict[str, torch.Tensor], corrupted: torch.Tensor) -> Dict[str, Dict[str, Optional[float]]]:
     """AUROC and average precision of each score at separating clean (positive) from corrupted samples, and its
     Spearman correlation with the learned ranking ``scores["alpha"]``."""
     from scipy.stats import spearmanr
@@ -442,7 +458,7 @@ def detection_table(scores: Dict[str, torch.Tensor], corrupted: torch.Tensor) ->
 
     c = corrupted.bool().cpu().numpy()
     ref = scores["alpha"].detach().double().cpu().numpy()
-    out = {}
+    out: Dict[str, Dict[str, Optional[float]]] = {}
     for name, sc in scores.items():
         v = sc.detach().double().cpu().numpy()
         both = bool(c.any() and (~c).any())
@@ -453,7 +469,7 @@ def detection_table(scores: Dict[str, torch.Tensor], corrupted: torch.Tensor) ->
 
 
 def compare_methods(cfg: RunConfig, setup: HeadSetup, W_uniform: torch.Tensor, learned: BilevelOutcome,
-                    method: HypergradMethod) -> Tuple[Dict[str, Dict[str, Any]], Optional[Dict[str, Dict[str, float]]]]:
+                    method: HypergradMethod) -> Tuple[Dict[str, Dict[str, Any]], Optional[Dict[str, Dict[str, Optional[float]]]]]:
     """Every method of the comparison on the same features and trusted set, and the detection table.
 
     Returns ``(methods, detection)``: ``methods[name]`` holds the accuracy and loss on every evaluation set
@@ -473,7 +489,7 @@ def compare_methods(cfg: RunConfig, setup: HeadSetup, W_uniform: torch.Tensor, l
         knobs = {k: v for k, v in res.extra.items() if k.endswith("_selected")}
         methods[name] = {**evaluate_head(res.W, evals), **knobs, "seconds": res.seconds}
     if cfg.compare.oracle and fs.y_train_clean is not None and fs.corrupted is not None and bool(fs.corrupted.any()):
-        inner = HeadObjective(problem.inner.X, fs.y_train_clean.to(problem.inner.y.device), problem.inner.K,
+        inner = HeadObjective(_train_X(problem), fs.y_train_clean.to(problem.inner.y.device), problem.inner.K,
                               problem.inner.lam)
         ones = torch.ones(inner.n, dtype=W_uniform.dtype, device=W_uniform.device)
         methods["oracle"] = evaluate_head(solve_head(inner, ones, grad_tol=cfg.head.grad_tol,

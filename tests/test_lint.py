@@ -10,7 +10,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 CORE = ["reweight/head.py", "reweight/precond.py", "reweight/weights.py", "reweight/hypergrad.py", "reweight/linalg.py",
-        "reweight/pipeline.py", "reweight/validate.py", "reweight/rows.py"]
+        "reweight/pipeline.py", "reweight/guard.py", "reweight/bilevel.py", "reweight/validate.py", "reweight/rows.py"]
 
 
 def _tool(name: str) -> list:
