@@ -25,7 +25,7 @@ def test_import_reweight_is_light():
 
 PACKAGES = ("reweight", "experiments", "analysis", "paper_figs")
 #: the command-line infrastructure that every study may import
-STUDY_INFRASTRUCTURE = {"experiments", "experiments.study", "experiments.cli"}
+STUDY_INFRASTRUCTURE = {"experiments", "experiments.study", "experiments.cli", "experiments.children"}
 
 
 def _module_name(path: Path) -> str:
