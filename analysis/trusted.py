@@ -151,8 +151,7 @@ def trusted_paired_table(frame: TrustedFrame, name: str = "trusted_paired") -> T
             Column("b_hi", "95% hi", latex=r"95\%\\hi"), Column("b_wins", "W ", digits=0), Column("b_ties", "T ", digits=0),
             Column("b_losses", "L ", digits=0)]
     if "auroc_alpha" in df:
-        cols += [Column("auroc_alpha", "AUROC α", latex=r"AUROC\\$\alpha$"),
-                 Column("auroc_gain_step0", "Δ AUROC vs step-0 hypergrad", latex=r"$\Delta$AUROC\\vs step 0")]
+        cols += [Column("auroc_gain_step0", "Δ AUROC α vs step-0 hypergrad", latex=r"$\Delta$AUROC\\vs step 0")]
     return Table(name, df, ["setting", "M", "best_baseline"], cols,
                  caption="Learned weights (carrot) vs uniform and the best baseline, paired per seed",
                  key_labels={"M": "trusted M", "best_baseline": "best baseline"},
