@@ -180,7 +180,12 @@ def learn_weights(model: torch.nn.Module, data: StagedData, cfg: RunConfig,
     Fva = extract_features(model, data.x_val, cfg.features.batch_size, device=cfg.device)
     model.train(was_training)
     Xtr, Xva = standardize(Ftr, Fva) if cfg.features.standardize else (Ftr, Fva)
-    problem = pipeline.bilevel_problem(cfg, Xtr, data.y_train, Xva, data.y_val, data.num_classes)
+    meta_val = None
+    if cfg.data.meta_val_fraction > 0:  # the same trusted-set protocol as the main job: a held-out meta-val part
+        from .data import meta_split
+
+        meta_val = torch.as_tensor(meta_split(data.y_val.cpu().numpy(), cfg.data.meta_val_fraction, cfg.seed))
+    problem = pipeline.bilevel_problem(cfg, Xtr, data.y_train, Xva, data.y_val, data.num_classes, meta_val=meta_val)
     out = pipeline.learn_weights(cfg, problem, corrupted=data.corrupted, progress=progress)
     alpha = out.alpha.detach().float().cpu()
     y = problem.inner.y
