@@ -552,11 +552,14 @@ def _staged_study(root: Path, lr: float = 0.01, seeds=(0, 1)) -> Path:
 @pytest.fixture
 def every_source(tmp_path, main_runs, grid_runs):
     """A source folder per study, for every registered table."""
+    from .test_trusted_tables import make_trusted_study
+
     hg = tmp_path / "hg"
     for seed in (0, 1):
         _hg_run(hg, f"s{seed}", seed)
     return {"main_job": main_runs, "noise_grid": grid_runs, "sanity": _per_seed_run(tmp_path / "sanity", "main"),
-            "hypergrad_accuracy": hg, "staged": _staged_study(tmp_path / "staged")}
+            "hypergrad_accuracy": hg, "staged": _staged_study(tmp_path / "staged"),
+            "trusted": make_trusted_study(tmp_path / "trusted")}
 
 
 def _pdflatex_width(tex: str, tmp: Path) -> float:
@@ -591,7 +594,7 @@ def test_every_registered_table_builds_and_fits_the_text_width(every_source, tmp
     from analysis.build import TableSpec, build_table
     from analysis.export import DOUBLE_COL_PT, TableWidthWarning, latex_width
 
-    assert len(TABLES) == 7
+    assert len(TABLES) == 11
     for name in TABLES.names():
         spec = TABLES.get(name)
         assert isinstance(spec, TableSpec) and spec.description and spec.study in every_source
