@@ -7,8 +7,14 @@ import pandas as pd
 import pytest
 from scipy.stats import t as student_t
 
-from analysis.trusted import (load_trusted, paired_summary, trusted_detection_table, trusted_methods_table,
-                              trusted_paired_table, trusted_variants_table)
+from analysis.trusted import (
+    load_trusted,
+    paired_summary,
+    trusted_detection_table,
+    trusted_methods_table,
+    trusted_paired_table,
+    trusted_variants_table,
+)
 
 from .test_analysis import make_run
 
