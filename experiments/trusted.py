@@ -15,7 +15,7 @@ of the comparison on the same features, splits and trusted set (``uniform``, ``c
 table (AUROC / AP of the learned ranking, the uniform-head loss, the step-0 hypergradient, kNN
 agreement, the clean-only head and the attribution scores). ``variants`` (e.g. the trusted samples
 kept out of the final head, or the old Adam outer loop without guard) rerun the learned weights
-on the cached features of the cells of ``variant_sizes``, for the comparison of defaults.
+on the cached features of the cells of ``variant_sizes`` (default: M = 50), for the comparison of defaults.
 
 Layout: ``<out_dir>/<name>/<setting>/M<size>/<variant>/seed<k>/`` (a run directory each; the
 default variant is ``default``). Finished cells are skipped on a rerun, a killed cell resumes, and
@@ -64,7 +64,7 @@ class TrustedConfig:
     seeds: List[int] = _f(list(range(10)), "root seeds (splits, noise, trusted set, warm-up)")
     overrides: List[str] = _f([], "dotted overrides of every cell's `carrot run` (e.g. data.dataset=digits)")
     variants: List[str] = _f(["no_trusted_inner", "adam_noguard"], f"variants to run, from {', '.join(VARIANTS)}")
-    variant_sizes: List[int] = _f([50, 250], "trusted-set sizes at which the variants run")
+    variant_sizes: List[int] = _f([50], "trusted-set sizes at which the variants run (the smallest: where overfitting the trusted set bites)")
     cache_dir: str = _f(".carrot_cache", "feature cache shared by the cells")
     jobs: int = _f(2, "cells run side by side (one thread each)")
     timeout: Optional[float] = _f(None, "per-cell timeout in seconds (null = none)")
