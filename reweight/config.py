@@ -484,6 +484,11 @@ def _coerce(tp: Any, value: Any, where: str) -> Any:
                 pass
         raise ConfigError(f"The '{where}' parameter must be {_type_name(tp)}. Got {value!r} instead.")
     if origin is Literal:
+        if isinstance(value, bool):  # YAML 1.1 reads off/no/false as False and on/yes/true as True
+            spelled = [a for a in typing.get_args(tp) if isinstance(a, str) and a.lower() in
+                       (("off", "no", "false", "n") if value is False else ("on", "yes", "true", "y"))]
+            if len(spelled) == 1:
+                return spelled[0]
         if value not in typing.get_args(tp):
             raise ConfigError(f"The '{where}' parameter must be {_type_name(tp)}. Got {value!r} instead.")
         return value

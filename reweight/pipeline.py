@@ -509,12 +509,18 @@ def _check_splits(cfg: RunConfig, source: Any) -> None:
     if d.dataset in EMBEDDED_DATASETS:
         from .data import load_dataset, prepare_data
 
-        prepare_data(load_dataset(d.dataset), d.val_fraction, d.test_fraction, d.noise, d.noise_rate,
-                     d.imbalance_factor, cfg.seed, trusted_size=d.trusted_size, meta_val_fraction=d.meta_val_fraction)
+        sp = prepare_data(load_dataset(d.dataset), d.val_fraction, d.test_fraction, d.noise, d.noise_rate,
+                          d.imbalance_factor, cfg.seed, trusted_size=d.trusted_size,
+                          meta_val_fraction=d.meta_val_fraction)
     else:
         from .sources import source_splits
 
-        source_splits(source, d, cfg.seed)
+        sp = source_splits(source, d, cfg.seed)
+    if cfg.guard.mode != "off" and (sp.meta_val is None or not bool(sp.meta_val.any())):
+        raise ConfigError(f"The 'guard.mode' parameter is {cfg.guard.mode!r}, which needs a held-out meta-val part of the "
+                          f"trusted set, but its {len(sp.val)} samples leave none (a class needs >= 2 trusted samples "
+                          f"to be split). Give a larger trusted set (data.trusted_size, data.val_fraction, "
+                          f"data.trusted_dir/file) or set guard.mode=off.")
 
 
 def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
@@ -590,7 +596,7 @@ def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
     summary = {
         "dataset": cfg.data.dataset, "noise": cfg.data.noise, "noise_rate": cfg.data.noise_rate,
         "imbalance_factor": cfg.data.imbalance_factor, "method": cfg.hypergrad.method, "seed": cfg.seed,
-        "n_train": n, "n_val": int(problem.X_val.shape[0]), "n_test": int(setup.evals["test"][0].shape[0]),
+        "n_train": n, "n_val": int(fs.X_val.shape[0]), "n_test": int(setup.evals["test"][0].shape[0]),
         "feature_dim": fs.meta["feature_dim"], "feature_cache_hit": fs.meta["cache_hit"],
         "warmup_best_val_acc": max((h["val_acc"] for h in fs.meta["warmup_history"]), default=None),
         "uniform": evaluate_head(uni.W, setup.evals), "learned": evaluate_head(out.W, setup.evals),

@@ -228,3 +228,15 @@ def test_preflight_refuses_guard_without_meta_val_and_unknown_names():
     with pytest.raises(ConfigError, match="influence_xx"):
         preflight(load_config(None, ["compare.attribution=[influence_xx]"]), run_dir=False)
 
+
+
+def test_yaml_off_reads_as_the_off_mode(tmp_path):
+    """YAML 1.1 parses `off` as False: guard.mode=off (command line and files) must still mean the 'off' mode."""
+    from reweight.config import load_config
+
+    assert load_config(None, ["guard.mode=off"]).guard.mode == "off"
+    f = tmp_path / "c.yaml"
+    f.write_text("guard: {mode: off}\n")
+    assert load_config(str(f)).guard.mode == "off"
+    with pytest.raises(ConfigError, match="guard.mode"):
+        load_config(None, ["guard.mode=on"])  # no 'on' mode: an error, not a silent choice
