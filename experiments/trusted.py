@@ -64,7 +64,8 @@ class TrustedConfig:
     seeds: List[int] = _f(list(range(10)), "root seeds (splits, noise, trusted set, warm-up)")
     overrides: List[str] = _f([], "dotted overrides of every cell's `carrot run` (e.g. data.dataset=digits)")
     variants: List[str] = _f(["no_trusted_inner", "adam_noguard"], f"variants to run, from {', '.join(VARIANTS)}")
-    variant_sizes: List[int] = _f([50], "trusted-set sizes at which the variants run (the smallest: where overfitting the trusted set bites)")
+    variant_sizes: List[int] = _f([50], "trusted-set sizes at which the variants run (the smallest: where "
+                                  "overfitting the trusted set bites)")
     cache_dir: str = _f(".carrot_cache", "feature cache shared by the cells")
     jobs: int = _f(2, "cells run side by side (one thread each)")
     timeout: Optional[float] = _f(None, "per-cell timeout in seconds (null = none)")

@@ -42,7 +42,9 @@ def _descendants(pid: int):
 def test_paper_stops_within_seconds_and_exits_130(tmp_path, sig):
     env = dict(os.environ, PYTHONPATH=str(ROOT), CI="1")
     proc = subprocess.Popen([sys.executable, "-m", "experiments.cli", "paper", "--quick", f"out={tmp_path / 'p'}",
-                             "jobs=2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                             "jobs=2"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            # a shell's background job inherits SIGINT ignored; a terminal's Ctrl-C is not ignored
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     kids = []
     t_end = time.time() + 120
     while time.time() < t_end and len(kids) < 2:  # wait until both workers have started a step

@@ -136,9 +136,12 @@ def digits_features(monkeypatch):
 @pytest.fixture
 def sources(tmp_path, main_runs, digits_features):
     """Source folders for every registered figure, keyed by the study each figure declares."""
+    from .test_trusted_tables import make_trusted_study
+
     return {"main_job": [main_runs], "hypergrad_accuracy": [make_hypergrad_runs(tmp_path / "hg")],
             "staged": [make_staged_study(tmp_path / "staged")], "sanity": [make_sanity_run(tmp_path / "sanity")],
-            "faithfulness": [make_faithfulness_run(tmp_path / "faith")]}
+            "faithfulness": [make_faithfulness_run(tmp_path / "faith")],
+            "trusted": [make_trusted_study(tmp_path / "trusted")]}
 
 
 # ------------------------------------------------------------------------------------------------

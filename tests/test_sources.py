@@ -201,8 +201,9 @@ def test_embeddings_end_to_end_without_a_backbone(tmp_path, fmt):
 @pytest.mark.parametrize("name", list(TORCHVISION_FILES))
 def test_torchvision_root_end_to_end(tmp_path, name):
     root = write_torchvision(tmp_path / "tv", name, per_class=4 if name != "CIFAR100" else 3)
-    args = ["data.dataset=torchvision", f"data.name={name}", f"data.root={root}", "data.val_fraction=0.3", "guard.mode=off",  # ~1 trusted image per class: nothing to hold out
-            "data.noise=none"]
+    # ~1 trusted image per class: nothing to hold out, so no guard
+    args = ["data.dataset=torchvision", f"data.name={name}", f"data.root={root}", "data.val_fraction=0.3",
+            "guard.mode=off", "data.noise=none"]
     assert main(run_args(tmp_path, name, *args)) == 0
     s = json.loads((tmp_path / "runs" / name / "summary.json").read_text())
     K = 100 if name == "CIFAR100" else 10
