@@ -3,7 +3,7 @@
 One command::
 
     carrot trusted                 # sizes {50, 100, 250, 500} x {sym20, sym40, sym60, asym40} x 10 seeds
-    carrot trusted --quick         # digits, sizes {50, 100}, two settings, 3 seeds
+    carrot trusted --quick         # digits, sizes {50, 100}, two settings, 3 seeds, one variant at 50
     carrot trusted jobs=1 seeds=[0,1,2]
 
 Every cell (setting, trusted-set size ``M``, seed) is one main job, ``carrot run`` with
@@ -123,7 +123,7 @@ def _finished(c: Child) -> bool:
 def run_trusted(cfg: TrustedConfig, ctx: Context) -> Dict[str, Any]:
     """Run the cells not yet finished, then write the tables and the figure; returns their paths and the failures."""
     from analysis.export import export_table
-    from analysis.trusted import TRUSTED_TABLES, load_trusted
+    from analysis.trusted import TRUSTED_TABLES, load_trusted, trusted_variants_table
     from paper_figs import draw_figure
 
     root = Path(cfg.out_dir) / cfg.name
@@ -138,6 +138,8 @@ def run_trusted(cfg: TrustedConfig, ctx: Context) -> Dict[str, Any]:
     frame = load_trusted([root])
     paths: List[str] = []
     for build in TRUSTED_TABLES:
+        if build is trusted_variants_table and not cfg.variants:
+            continue  # no variant runs asked for: no variants table
         paths += [str(p) for p in export_table(build(frame), root / "tables")]
     paths += [str(p) for p in draw_figure("trusted_size", [root], root / "figures" / "trusted_size")]
     return {"root": str(root), "paths": paths, "failed": failed, "exit_code": 1 if failed else 0}
@@ -153,7 +155,8 @@ def _report(res: Dict[str, Any]) -> str:
 STUDY = Study(name="trusted", summary="learned weights vs uniform and baselines across trusted-set sizes and noise "
               "(paired, 10 seeds)", config=TrustedConfig, run=run_trusted, report=_report,
               quick=("overrides=[data.dataset=digits, backbone.epochs=6, outer.steps=20]", "sizes=[50, 100]",
-                     "settings=[sym40, asym40]", "seeds=[0, 1, 2]", "variants=[]", "name=trusted_quick"),
+                     "settings=[sym40, asym40]", "seeds=[0, 1, 2]", "variants=[adam_noguard]", "variant_sizes=[50]",
+                     "name=trusted_quick"),
               threads_key=None, description=__doc__ or "")
 
 if __name__ == "__main__":
