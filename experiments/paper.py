@@ -2,8 +2,8 @@
 
 One command::
 
-    carrot paper out=paper_out                    # default grid (MNIST-5k; 24 min measured on 2 cores)
-    carrot paper --quick out=paper_out            # quick grid (digits; 3-5 min measured on 2 cores)
+    carrot paper out=paper_out                    # default grid (MNIST-5k; about 2 h on 2 cores with the trusted study)
+    carrot paper --quick out=paper_out            # quick grid (digits; 4.6 min measured on 2 cores)
     carrot paper --quick out=paper_out no_run=true    # rebuild tables/figures only
     carrot paper out=paper_out steps=[sanity, faithfulness]
 
