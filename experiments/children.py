@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
-__all__ = ["Child", "child_env", "run_children", "sigterm_as_interrupt"]
+__all__ = ["Child", "child_env", "cli_command", "run_children", "sigterm_as_interrupt"]
+
+
+def cli_command(study: str, argv: List[str]) -> str:
+    """``python -m experiments.cli <study> ARGS`` as a shell line (arguments with spaces or brackets quoted)."""
+    quote = lambda a: f"'{a}'" if any(ch in a for ch in " []{},") else a  # noqa: E731
+    return " ".join(["python", "-m", "experiments.cli", study] + [quote(a) for a in argv])
 
 
 @dataclass
@@ -43,8 +49,7 @@ class Child:
 
     def command(self) -> str:
         """The shell command that runs this child alone."""
-        quote = lambda a: f"'{a}'" if any(ch in a for ch in " []{},") else a  # noqa: E731
-        return " ".join(["python", "-m", "experiments.cli", self.study] + [quote(a) for a in self.argv])
+        return cli_command(self.study, self.argv)
 
 
 def child_env() -> Dict[str, str]:

@@ -50,7 +50,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 from reweight.config import help_field as _f
 from reweight.errors import ConfigError
 
-from .children import Child, run_children
+from .children import Child, cli_command, run_children
 from .study import STUDIES, Study, shim
 
 __all__ = ["GRIDS", "PaperConfig", "STEPS", "STUDY", "Step", "build_artefacts",
@@ -130,11 +130,7 @@ class Step:
     message: str = ""
 
     def command(self) -> str:
-        return " ".join(["python", "-m", "experiments.cli", self.study] + [_quote(a) for a in self.argv])
-
-
-def _quote(a: str) -> str:
-    return f"'{a}'" if any(ch in a for ch in " []{},") else a
+        return cli_command(self.study, self.argv)
 
 
 def plan(out: Path, quick: bool) -> List[Step]:

@@ -129,8 +129,7 @@ def _rms_normalised(g: torch.Tensor) -> torch.Tensor:
 def _row(step: int, problem: BilevelProblem, alpha: torch.Tensor, sol: HeadSolution, hg, evals, corrupted,
          t_inner: float) -> Dict[str, Any]:
     K = problem.inner.K
-    wm = problem.weights
-    assert wm is not None  # run_bilevel checked it
+    wm = problem.weight_model("run_bilevel")
     labels = wm.labels.to(alpha.device)
     ess = ess_per_class(alpha, labels, K)
     counts = wm.counts.to(alpha.device, alpha.dtype)
@@ -208,9 +207,7 @@ def run_bilevel(problem: BilevelProblem, method: HypergradMethod, steps: int, lr
 
     tol = renamed_option(grad_tol, tol, "tol", "grad_tol", "run_bilevel", 1e-6)
     check_choice(optimizer, "optimizer", "run_bilevel", OPTIMIZERS)
-    wm = problem.weights
-    if wm is None:
-        raise ConfigError("run_bilevel needs a BilevelProblem with a WeightModel (weights=None given).")
+    wm = problem.weight_model("run_bilevel")
     check_choice(schedule, "schedule", "run_bilevel", ("constant", "inv_sqrt"))
     if optimizer == "eg" and wm.parameterization != "exp":
         raise ConfigError("The 'eg' optimizer needs a weight model with parameterization='exp' (s are log-weights).")

@@ -123,6 +123,12 @@ class BilevelProblem:
                          require_all_classes=False)
             self.y_meta_val = torch.as_tensor(self.y_meta_val).to(self.X_meta_val.device)
 
+    def weight_model(self, where: str) -> WeightModel:
+        """The weight model, or a ConfigError naming ``where`` for a bare problem (``weights=None``)."""
+        if self.weights is None:
+            raise ConfigError(f"{where} needs a BilevelProblem with a WeightModel (weights=None given).")
+        return self.weights
+
     @property
     def has_meta_val(self) -> bool:
         """Whether a held-out meta-val part of the trusted set exists."""

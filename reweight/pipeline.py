@@ -133,8 +133,7 @@ def preflight(cfg: RunConfig, *, run_dir: bool = True) -> None:
     """
     make_method(cfg.hypergrad.method, cfg.hypergrad.options)
     if cfg.guard.mode != "off" and cfg.data.meta_val_fraction <= 0:
-        raise ConfigError(f"The 'guard.mode' parameter is {cfg.guard.mode!r}, which needs a held-out meta-val part of "
-                          f"the trusted set: set data.meta_val_fraction > 0 (e.g. 0.5), or guard.mode=off.")
+        raise _no_meta_val(cfg, f"data.meta_val_fraction={cfg.data.meta_val_fraction} holds out none")
     from .baselines import BASELINES
 
     for b in cfg.compare.baselines:
@@ -213,10 +212,12 @@ def _train_X(problem: BilevelProblem) -> torch.Tensor:
     return rows.X
 
 
-def _weights(problem: BilevelProblem) -> WeightModel:
-    if problem.weights is None:
-        raise ConfigError("Learning weights needs a BilevelProblem with a WeightModel (weights=None given).")
-    return problem.weights
+def _no_meta_val(cfg: RunConfig, why: str) -> ConfigError:
+    """The one error for a guard without a held-out meta-val part of the trusted set (``why``: what left none)."""
+    return ConfigError(f"The 'guard.mode' parameter is {cfg.guard.mode!r}, which needs a held-out meta-val part of the "
+                       f"trusted set, but {why}. Set data.meta_val_fraction > 0 (e.g. 0.5) with a trusted set of >= 2 "
+                       f"samples per class (data.trusted_size, data.val_fraction, data.trusted_dir/file), or "
+                       f"guard.mode=off.")
 
 
 def head_problem(cfg: RunConfig, fs: FeatureSet) -> HeadSetup:
@@ -336,8 +337,7 @@ def learn_weights(cfg: RunConfig, problem: BilevelProblem, *, evals: Optional[Ev
               allow_unconverged=allow_unconverged)
     if mode == "off" or not problem.has_meta_val:
         if mode != "off":
-            raise ConfigError(f"guard.mode={mode!r} needs a held-out meta-val part of the trusted set: set "
-                              f"data.meta_val_fraction > 0 (or guard.mode=off).")
+            raise _no_meta_val(cfg, "the problem has no meta-val rows")
         Xt, yt = problem.trusted()
         whole = BilevelProblem(problem.inner, Xt, yt, problem.weights)
         out = _path(cfg, whole, method, run=run, record_path=False, **kw)  # type: ignore[arg-type]
@@ -358,8 +358,8 @@ def learn_weights(cfg: RunConfig, problem: BilevelProblem, *, evals: Optional[Ev
                   **{**kw, "on_step": None, "progress": False})  # type: ignore[arg-type]
         assert b.path_alpha is not None and b.path_W is not None
         L = torch.cat([L, heldout_losses(b.path_W, problem.X_val, problem.y_val, cfg.guard.criterion)], dim=1)
-        masses = _weights(problem).masses.to(alphas.device, alphas.dtype)
-        labels = _weights(problem).labels.to(alphas.device)
+        wm = problem.weight_model("learn_weights")
+        masses, labels = wm.masses.to(alphas.device, alphas.dtype), wm.labels.to(alphas.device)
         alphas = torch.stack([geometric_combine([x, y], labels, masses) for x, y in zip(a.path_alpha, b.path_alpha)])
         a.convergence = _merge_convergence(a.convergence, b.convergence)
     choice = select_step(L, cfg.guard.z)
@@ -517,10 +517,7 @@ def _check_splits(cfg: RunConfig, source: Any) -> None:
 
         sp = source_splits(source, d, cfg.seed)
     if cfg.guard.mode != "off" and (sp.meta_val is None or not bool(sp.meta_val.any())):
-        raise ConfigError(f"The 'guard.mode' parameter is {cfg.guard.mode!r}, which needs a held-out meta-val part of the "
-                          f"trusted set, but its {len(sp.val)} samples leave none (a class needs >= 2 trusted samples "
-                          f"to be split). Give a larger trusted set (data.trusted_size, data.val_fraction, "
-                          f"data.trusted_dir/file) or set guard.mode=off.")
+        raise _no_meta_val(cfg, f"its {len(sp.val)} samples leave none (a class needs >= 2 trusted samples to be split)")
 
 
 def run_main(cfg: RunConfig, overwrite: bool = False, progress: bool = True,
