@@ -27,7 +27,7 @@ from reweight.errors import RunDirError
 
 from .export import Column, Table
 
-__all__ = ["BASELINES", "TRUSTED_TABLES", "TrustedFrame", "load_trusted", "paired_summary", "trusted_detection_table",
+__all__ = ["BASELINES", "TRUSTED_TABLES", "TrustedFrame", "load_trusted", "order_rows", "paired_summary", "trusted_detection_table",
            "trusted_methods_table", "trusted_paired_table", "trusted_variants_table"]
 
 BASELINES = ("clean_only", "train_plus_clean", "loss_filter", "knn_clean")
@@ -97,17 +97,14 @@ def paired_summary(d: Sequence[float]) -> Dict[str, float]:
             "ties": int((abs(x) <= 1e-9).sum()), "losses": int((x < -1e-9).sum()), "seeds": int(n)}
 
 
-def _order(df: Any, extra: Tuple[str, Sequence[str]] = ("", ())) -> Any:
-    """Rows by setting (registry order), trusted size, then ``extra = (column, display order)``."""
-    settings = [s for s in NOISE_SETTINGS if s in set(df["setting"])] + sorted(set(df["setting"]) - set(NOISE_SETTINGS))
-    tmp = df.copy()
-    tmp["_setting"] = tmp["setting"].map({s: i for i, s in enumerate(settings)})
-    by = ["_setting", "M"]
+def order_rows(df: Any, extra: Tuple[str, Sequence[str]] = ("", ())) -> Any:
+    """Rows by setting (:data:`reweight.data.NOISE_SETTINGS` order), trusted size, then ``extra = (column, order)``."""
+    from .tables import sort_rows
+
+    order: Dict[str, Sequence[Any]] = {"setting": list(NOISE_SETTINGS)}
     if extra[0]:
-        order = {v: i for i, v in enumerate(extra[1])}
-        tmp["_extra"] = tmp[extra[0]].map(lambda v: order.get(v, len(order)))
-        by.append("_extra")
-    return tmp.sort_values(by, kind="stable").drop(columns=[c for c in tmp.columns if c.startswith("_")]).reset_index(drop=True)
+        order[extra[0]] = extra[1]
+    return sort_rows(df, order, ["setting", "M"] + ([extra[0]] if extra[0] else []))
 
 
 def _pivot(frame: TrustedFrame, variant: str = "default") -> Any:
@@ -143,7 +140,7 @@ def trusted_paired_table(frame: TrustedFrame, name: str = "trusted_paired") -> T
             row.update(auroc_alpha=float(a.mean()) if len(a) else math.nan, auroc_gain_step0=ds.get("diff", math.nan),
                        auroc_gain_step0_lo=ds.get("lo", math.nan))
         rows.append(row)
-    df = _order(pd.DataFrame(rows))
+    df = order_rows(pd.DataFrame(rows))
     cols = [Column("carrot_acc", "carrot acc", latex=r"carrot\\acc."),
             Column("u_diff", "Δ uniform", latex=r"$\Delta$\\unif."), Column("u_lo", "95% lo", latex=r"95\%\\lo"),
             Column("u_wins", "W", digits=0), Column("u_ties", "T", digits=0), Column("u_losses", "L", digits=0),
@@ -167,7 +164,7 @@ def trusted_methods_table(frame: TrustedFrame, name: str = "trusted_methods") ->
 
     m = frame.methods[frame.methods["variant"] == "default"]
     agg = aggregate(m, ["setting", "M", "method"], ["test_acc", "test_loss"])
-    agg = _order(agg, ("method", METHOD_ORDER))
+    agg = order_rows(agg, ("method", METHOD_ORDER))
     return Table(name, agg, ["setting", "M", "method"],
                  [Column("test_acc", "test acc", "max", latex=r"test\\acc."),
                   Column("test_loss", "test loss", "min", latex=r"test\\loss")],
@@ -185,7 +182,7 @@ def trusted_detection_table(frame: TrustedFrame, name: str = "trusted_detection"
     if d.empty:
         raise RunDirError("No trusted-study run holds a detection table (the corruption is unknown).")
     d = d[d["variant"] == "default"]
-    agg = _order(aggregate(d, ["setting", "M", "detector"], ["auroc", "ap", "spearman_with_alpha"]),
+    agg = order_rows(aggregate(d, ["setting", "M", "detector"], ["auroc", "ap", "spearman_with_alpha"]),
                  ("detector", DETECTOR_ORDER))
     return Table(name, agg, ["setting", "M", "detector"],
                  [Column("auroc", "AUROC", "max"), Column("ap", "AP", "max"),
@@ -219,7 +216,7 @@ def trusted_variants_table(frame: TrustedFrame, name: str = "trusted_variants") 
             rows.append({"setting": setting, "M": int(M), "variant": v, "acc": float(g[(v, "carrot")].mean()),
                          "u_diff": u["diff"], "u_lo": u["lo"], "u_wins": u["wins"], "u_losses": u["losses"],
                          "d_diff": dflt["diff"], "d_lo": dflt["lo"], "d_hi": dflt["hi"], "seeds": u["seeds"]})
-    df = _order(pd.DataFrame(rows), ("variant", variants))
+    df = order_rows(pd.DataFrame(rows), ("variant", variants))
     return Table(name, df, ["setting", "M", "variant"],
                  [Column("acc", "test acc", "max"), Column("u_diff", "Δ uniform", latex=r"$\Delta$\\unif."),
                   Column("u_lo", "95% lo", latex=r"95\%\\lo"), Column("u_wins", "W", digits=0),

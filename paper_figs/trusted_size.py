@@ -27,13 +27,13 @@ def draw(runs: Sequence[Path], stem: Path) -> List[Path]:
     import numpy as np
     from scipy.stats import t as student_t
 
-    from analysis.trusted import METHOD_ORDER, _order, load_trusted
+    from analysis.trusted import METHOD_ORDER, load_trusted, order_rows
 
     from .style import DOUBLE_COL, apply_style, finish, series_style
 
     frame = load_trusted(list(runs))
     m = frame.methods[frame.methods["variant"] == "default"]
-    settings = list(dict.fromkeys(_order(m)["setting"]))
+    settings = list(dict.fromkeys(order_rows(m)["setting"]))
     apply_style()
     ncol = min(4, len(settings))
     nrow = math.ceil(len(settings) / ncol)
