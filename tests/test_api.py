@@ -24,8 +24,9 @@ def test_import_reweight_is_light():
 # ---- import direction (parsed with ast: every import statement, also those inside functions) ----------------
 
 PACKAGES = ("reweight", "experiments", "analysis", "paper_figs")
-#: the command-line infrastructure that every study may import
-STUDY_INFRASTRUCTURE = {"experiments", "experiments.study", "experiments.cli", "experiments.children"}
+#: the command-line infrastructure that every study may import, and the third-party contenders the benchmarks share
+STUDY_INFRASTRUCTURE = {"experiments", "experiments.study", "experiments.cli", "experiments.children",
+                        "experiments.contenders"}
 
 
 def _module_name(path: Path) -> str:
