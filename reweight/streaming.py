@@ -97,7 +97,8 @@ class StreamingObjective(HeadObjective):
 
 def val_alpha_grad(obj: HeadObjective, X_val: torch.Tensor, y_val: torch.Tensor, W: torch.Tensor,
                    alpha: torch.Tensor, method: str = "cg", rtol: float = 1e-6, max_iter: int = 500,
-                   v0: Optional[torch.Tensor] = None, tol: Optional[float] = None) -> ValAlphaGrad:
+                   v0: Optional[torch.Tensor] = None, tol: Optional[float] = None,
+                   precond: str = "auto") -> ValAlphaGrad:
     r"""Implicit-function hypergradient :math:`\partial L_{val}/\partial\alpha` (in memory or streamed),
     through the hypergradient registry (``cg`` or ``dense`` = the ``exact`` method).
 
@@ -114,6 +115,8 @@ def val_alpha_grad(obj: HeadObjective, X_val: torch.Tensor, y_val: torch.Tensor,
         method: ``cg`` or ``dense``.
         rtol, max_iter, v0: CG relative-residual tolerance (``tol`` is its deprecated name), budget and
             warm start.
+        precond: the preconditioner of ``cg`` (:meth:`reweight.head.HeadHessian.solve`: ``auto``, ``dense``,
+            ``kfac``, ``block_jacobi``, ``none``); reported in ``extra["precond"]``.
 
     Raises:
         DataError: for validation features of the wrong width or bad labels.
@@ -121,7 +124,7 @@ def val_alpha_grad(obj: HeadObjective, X_val: torch.Tensor, y_val: torch.Tensor,
     check_features(X_val, "validation features", dim=obj.shape[1])
     check_labels(y_val, obj.K, "validation labels", n=X_val.shape[0], require_all_classes=False)
     obj.check_alpha(alpha)
-    opts = {"rtol": tol if tol is not None else rtol, "max_iter": max_iter} if method == "cg" else {}
+    opts = {"rtol": tol if tol is not None else rtol, "max_iter": max_iter, "precond": precond} if method == "cg" else {}
     hg = make_method("exact" if method == "dense" else method, opts)
     problem = BilevelProblem(obj, X_val, y_val, weights=None, all_classes=False)
     return hg.val_alpha_grad(problem, W, alpha, v0=v0)
