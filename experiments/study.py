@@ -39,6 +39,7 @@ STUDIES: Dict[str, str] = {
     "bench_loo": "experiments.bench_loo",
     "bench_scale": "experiments.bench_scale",
     "bench_libraries": "experiments.bench_libraries",
+    "bench_precond": "experiments.bench_precond",
     "dist_hypergrad": "experiments.dist_hypergrad",
     "bad_inputs": "experiments.bad_inputs",
     "trusted": "experiments.trusted",

@@ -124,3 +124,67 @@ def test_correlations_and_top_overlap():
     assert r["spearman"] == pytest.approx(-1.0) and r["top_overlap"] == 0.0
     assert np.isnan(correlations(np.ones(5), x[:5])["spearman"])
     assert all(np.isnan(v) for v in correlations(np.array([1.0, np.nan, 2.0]), x[:3]).values())
+
+
+def test_bench_precond_routes_agree_with_the_exact_solve(fake_features, tmp_path):
+    """Every route of the influence benchmark gives the exact float64 scores (a wrong sign, factor of n or lambda
+    scaling in any route shows here), the exact route uses no HVP, and the DENSE_MAX sweep writes one row per d."""
+    import pandas as pd
+
+    from experiments.bench_precond import BenchPrecondConfig, influence_route, run_bench
+    from reweight.head import HeadObjective, add_bias, solve_head
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "rounds=1", "dims=[2,4]", "base.head.lam=0.01",
+                             "routes=[exact, auto, dense, dense_f32, kfac, block_jacobi, none]"], cls=BenchPrecondConfig)
+    res = run_bench(cfg)
+    df = pd.read_csv(tmp_path / "default" / "results.csv")
+    assert sorted(set(df.D)) == [3, 5] and len(df) == 14
+    assert (df.max_rel_diff_vs_exact < 1e-7).all()
+    assert (df[df.route == "exact"].hvps == 0).all() and (df[df.route == "none"].hvps > 0).all()
+    assert set(res["summary"]["first_KD_faster_than_exact"]) == {"auto", "dense", "dense_f32", "kfac", "block_jacobi", "none"}
+    # the exact route against an independent answer: Delta_i = (alpha_i / n) g_i^T H^{-1} grad L_val h_i
+    fs = fake_features
+    X, Xv = add_bias(fs.X_train.double()), add_bias(fs.X_val.double())
+    inner = HeadObjective(X, fs.y_train, fs.num_classes, 0.01)
+    alpha = torch.rand(X.shape[0], dtype=torch.float64) + 0.5
+    W = solve_head(inner, alpha, grad_tol=1e-12).W
+    K, D = W.shape
+    P = torch.softmax(X @ W.T, 1)
+    G = P - torch.nn.functional.one_hot(fs.y_train, K).double()
+    H = torch.zeros(K * D, K * D, dtype=torch.float64)
+    for i in range(X.shape[0]):
+        S = torch.diag(P[i]) - torch.outer(P[i], P[i])
+        H += alpha[i] * torch.kron(S, torch.outer(X[i], X[i]))
+    H = H / X.shape[0] + 0.01 * torch.eye(K * D, dtype=torch.float64)
+    Pv = torch.softmax(Xv @ W.T, 1)
+    gv = ((Pv - torch.nn.functional.one_hot(fs.y_val, K).double()).T @ Xv / Xv.shape[0]).reshape(-1)
+    V = torch.linalg.solve(H, gv).reshape(K, D)
+    want = alpha / X.shape[0] * (G * (X @ V.T)).sum(1)
+    for route in ("exact", "auto", "kfac", "none"):
+        got = influence_route(route, inner, Xv, fs.y_val, W, alpha, 1e-12)[0]
+        assert torch.allclose(got, want, rtol=1e-6, atol=1e-10 * float(want.abs().max())), route
+
+
+@pytest.mark.parametrize("override,match", [
+    ("routes=[nope]", "The 'routes' parameter of bench_precond must be one of"),
+    ("routes=[]", "must be a non-empty list"),
+    ("routes=[auto, auto]", "lists a route twice"),
+    ("rtol=0", "The 'rtol' parameter of bench_precond"),
+    ("rounds=0", "The 'rounds' parameter of bench_precond"),
+    ("dims=[0]", "The 'dims' parameter of bench_precond"),
+    ("base.head.dtype=float32", "must be 'float64'"),
+])
+def test_bench_precond_config_errors(override, match):
+    from experiments.bench_precond import BenchPrecondConfig
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(None, [override], cls=BenchPrecondConfig)
+
+
+def test_bench_precond_refuses_too_many_dims_before_writing(fake_features, tmp_path):
+    from experiments.bench_precond import BenchPrecondConfig, run_bench
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "dims=[99]"], cls=BenchPrecondConfig)
+    with pytest.raises(ConfigError, match="more than the 4 feature columns"):
+        run_bench(cfg)
+    assert not (tmp_path / "default").exists()
