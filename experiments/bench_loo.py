@@ -9,10 +9,12 @@ One command::
 On the features of ``base`` (default MNIST-5k; :func:`reweight.pipeline.features`) and the float64
 head with a bias column at ``lam`` (:func:`reweight.pipeline.attribution_problem`, as the sanity
 study), it solves the leave-one-out problem of the same ``m`` training samples
-(:func:`reweight.pipeline.draw_subset`, stream ``bench_subset`` of ``seed``) three ways with
-:func:`reweight.attribution.exact_loo` -- ``newton_step`` (default: Newton-step start from ``W*`` with
-the full Hessian, vectorised simplified-Newton polish, certified by ``solve_head``), ``optimum``
-(``solve_head`` from ``W*``) and ``none`` (``solve_head`` from zeros, the from-scratch refit) -- all to
+(:func:`reweight.pipeline.draw_subset`, stream ``bench_subset`` of ``seed``) four ways with
+:func:`reweight.attribution.exact_loo` (:data:`STARTS`) -- ``newton_step`` (default: the quasi-Newton chord
+iteration with the exact leave-one-out Hessian at ``W*``, a rank-K Woodbury downdate, batched over blocks of 100
+samples; Newton only as a fallback), ``newton_step_sequential`` (the same iteration one sample at a time,
+``block_size=1``), ``optimum`` (``solve_head`` from ``W*``) and ``none`` (``solve_head`` from zeros, the
+from-scratch refit) -- all to
 the same gradient-norm tolerance ``grad_tol``, checks they agree, and reports per-sample medians
 and speed-ups. It then times ``fit`` + ``scores`` (mean validation loss target, all ``n`` training
 samples) of every registered attribution method. Writes ``<out>/bench.json`` (and a run directory
@@ -39,7 +41,7 @@ from reweight.runs import RunDir, atomic_write_json
 
 from .study import Context, Study, shim
 
-__all__ = ["BenchConfig", "STUDY", "out_path", "run_bench"]
+__all__ = ["BenchConfig", "STARTS", "STUDY", "out_path", "run_bench"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +68,16 @@ class BenchConfig:
             ATTRIBUTION.get(m)  # unknown name -> ConfigError listing the valid ones
 
 
+#: the starts compared (row name -> :func:`reweight.attribution.exact_loo` options): the Woodbury chord iteration batched
+#: over blocks of 100 left-out samples (the default) and one sample at a time, Newton from ``W*``, and from scratch
+STARTS: Dict[str, Dict[str, Any]] = {
+    "newton_step": {"warm_start": "newton_step"},
+    "newton_step_sequential": {"warm_start": "newton_step", "block_size": 1},
+    "optimum": {"warm_start": "optimum"},
+    "none": {"warm_start": "none"},
+}
+
+
 def out_path(cfg: BenchConfig) -> Path:
     """The output directory of ``cfg``: ``out``, else ``runs/bench_loo/m<m>_lam<lam>``."""
     return Path(cfg.out) if cfg.out else Path("runs") / "bench_loo" / f"m{cfg.m}_lam{cfg.lam:g}"
@@ -89,8 +101,8 @@ def run_bench(cfg: BenchConfig, overwrite: bool = False, progress: bool = False)
                            "platform": platform.processor() or platform.machine(),
                            "full_fit_seconds": t_fit, "load_average_start": list(os.getloadavg()), "loo": {}}
     loo = {}
-    for ws in ("newton_step", "optimum", "none"):
-        r = exact_loo(pr, subset, sp["X_val"], sp["y_val"], grad_tol=cfg.grad_tol, warm_start=ws)
+    for ws, opts in STARTS.items():
+        r = exact_loo(pr, subset, sp["X_val"], sp["y_val"], grad_tol=cfg.grad_tol, **opts)
         loo[ws] = r
         res["loo"][ws] = {"median_ms_per_sample": float(r.seconds.median()) * 1e3,
                           "mean_ms_per_sample": float(r.seconds.mean()) * 1e3,
@@ -98,7 +110,9 @@ def run_bench(cfg: BenchConfig, overwrite: bool = False, progress: bool = False)
                           "median_newton_iters": float(r.iters.double().median()),
                           "all_converged": bool(r.converged.all()), "max_grad_norm": float(r.grad_norm.max())}
     scratch = res["loo"]["none"]
-    for ws in ("newton_step", "optimum"):
+    for ws in STARTS:
+        if ws == "none":
+            continue
         d = loo[ws]
         res["loo"][ws]["speedup_median"] = scratch["median_ms_per_sample"] / res["loo"][ws]["median_ms_per_sample"]
         res["loo"][ws]["speedup_total"] = scratch["total_seconds"] / res["loo"][ws]["total_seconds"]
@@ -131,10 +145,10 @@ def report(res: Dict[str, Any]) -> str:
     L = res["loo"]
     lines = [f"exact LOO of m={res['m']} samples (n={res['n_train']}, K*D={res['K'] * res['D']}, lam={res['lam']:g}, "
              f"grad_tol={res['grad_tol']:g}, {res['threads']} thread(s))"]
-    for ws in ("newton_step", "optimum", "none"):
+    for ws in STARTS:
         extra = (f"  speed-up median {L[ws]['speedup_median']:.1f}x, total {L[ws]['speedup_total']:.1f}x, "
                  f"max |diff| {L[ws]['max_abs_diff_delta_val_vs_scratch']:.1e}") if ws != "none" else ""
-        lines.append(f"  {ws:12s} median {L[ws]['median_ms_per_sample']:8.2f} ms/sample, setup "
+        lines.append(f"  {ws:22s} median {L[ws]['median_ms_per_sample']:8.2f} ms/sample, setup "
                      f"{L[ws]['setup_seconds']:.2f}s, total {L[ws]['total_seconds']:.2f}s{extra}")
     lines.append("time to score all training samples (fit + score, val-loss target):")
     lines += [f"  {k:20s} {v['total_seconds']:8.3f}s" for k, v in res["estimators"].items()]
