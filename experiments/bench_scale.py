@@ -5,6 +5,7 @@
     carrot bench_scale --quick            # a minute: small sizes, checks the pipeline
     carrot bench_scale                    # sweeps n (1e4..1e6), d (64..2048), K (10..1000), MNIST-5k
     carrot bench_scale sweeps=[n] name=n_only
+    carrot bench_scale sweeps=[precond] lam=0.001 repeats=1 threads=1 name=precond   # HVPs with / without PCG, n = 1e6
 
 Each configuration runs in its own subprocess (:func:`measure` in a fresh interpreter), so the peak resident memory (``ru_maxrss``) belongs
 to that configuration alone. Per configuration, on synthetic float32 features (bias column
@@ -24,6 +25,11 @@ appended, ``D = d + 1``):
 * ``knn``: nearest-neighbour candidates (:mod:`reweight.neighbors`): time and recall@10 of FAISS flat/IVF
   vs the torch brute force, and recall of the top-10 representer supporters from ``M`` candidates
   (written to ``knn.csv``);
+* ``precond`` (only when named in ``sweeps``): the CG hypergradient at the optimum (``solve_head`` to ``cg_tol``),
+  once per preconditioner of ``preconds`` (default ``none`` and ``auto``), no warm start, for each label model of
+  ``precond_labels`` (:data:`LABELS`: random labels, or a teacher's) at n = 1e6, d = 512, K = 100 (quick: 2e4,
+  64, 20): HVPs, seconds, the preconditioner's setup, training accuracy and peak RSS; the summary gives
+  ``fewer_hvps_than_none`` per preconditioner;
 * attribution (only if :mod:`reweight.attribution` imports; on small problems in float64):
   ``influence`` (``influence_cg`` scores on the mean validation loss), ``loo`` (exact leave-one-out,
   seconds per left-out sample), ``trak`` (one projected model).
@@ -58,7 +64,10 @@ from .study import Context, Study, shim
 
 __all__ = ["BenchScaleConfig", "STUDY", "SWEEPS", "measure", "plan", "reference_matvec", "run_bench"]
 
-SWEEPS = ("n", "d", "K", "mnist", "attr", "store", "knn")
+SWEEPS = ("n", "d", "K", "mnist", "attr", "store", "knn", "precond")
+#: label models of the ``precond`` sweep: ``random`` (labels independent of the features, so ``W* ~ 0`` and every
+#: ``S_i ~ (I - 11^T/K)/K``) and ``teacher`` (``y = argmax(x W_t^T + Gumbel)``, ``W_t = teacher_scale N(0,1)/sqrt(d)``)
+LABELS = ("random", "teacher")
 
 
 @dataclass(frozen=True)
@@ -68,18 +77,30 @@ class BenchScaleConfig:
     name: str = _f("default", "run name")
     out_dir: str = _f("runs/bench_scale", "parent directory")
     quick: bool = _f(False, "small sizes (about a minute)")
-    sweeps: List[str] = _f(list(SWEEPS), f"sweeps run, from {', '.join(SWEEPS)}")
+    sweeps: List[str] = _f([s for s in SWEEPS if s != "precond"],
+                           f"sweeps run, from {', '.join(SWEEPS)} (precond only when named)")
     repeats: int = _f(5, "timed repeats per operation (median reported)")
     threads: int = _f(0, "torch intra-op threads (0 = reweight.streaming.auto_threads of one HVP's FLOPs)")
     lam: float = _f(1e-2, "L2 strength")
     cg_tol: float = _f(1e-6, "CG relative residual")
     seed: int = _f(0, "data seed")
     timeout: int = _f(1800, "seconds per configuration (its subprocess is stopped after that)")
+    precond_labels: List[str] = _f(list(LABELS), f"label models of the precond sweep, from {', '.join(LABELS)}")
+    teacher_scale: float = _f(6.0, "scale of the teacher's weights (teacher labels; larger = more confident labels)")
+    preconds: List[str] = _f(["none", "auto"], "preconditioners of the precond sweep's CG hypergradient, at the optimum")
 
     def __post_init__(self) -> None:
         bad = [s for s in self.sweeps if s not in SWEEPS]
         if bad:
             raise ConfigError(f"The 'sweeps' parameter must hold names from {', '.join(SWEEPS)}. Got {bad[0]!r} instead.")
+        from reweight.precond import PRECONDITIONERS
+        from reweight.validate import check_choice, check_number
+
+        for lab in self.precond_labels:
+            check_choice(lab, "precond_labels", "bench_scale", LABELS)
+        for pc in self.preconds:
+            check_choice(pc, "preconds", "bench_scale", ("auto",) + PRECONDITIONERS)
+        check_number(self.teacher_scale, "teacher_scale", "bench_scale", low=0.0, low_open=True)
         if self.repeats < 1 or self.threads < 0 or self.timeout < 1:
             raise ConfigError(f"The 'repeats' (>= 1), 'threads' (>= 0) and 'timeout' (>= 1) parameters are out of "
                               f"range. Got {self.repeats!r}, {self.threads!r}, {self.timeout!r} instead.")
@@ -106,7 +127,9 @@ def _median_time(f: Callable[[], Any], repeats: int) -> float:
     return statistics.median(ts)
 
 
-def _synthetic(n: int, d: int, K: int, seed: int):
+def _synthetic(n: int, d: int, K: int, seed: int, labels: str = "random", teacher_scale: float = 6.0):
+    """Gaussian features with a bias column, weights ``U(0.5, 1.5)``, a 1,000-row validation set and a small random
+    ``W``; labels drawn by ``labels`` (:data:`LABELS`)."""
     import torch
 
     g = torch.Generator().manual_seed(seed)
@@ -119,6 +142,15 @@ def _synthetic(n: int, d: int, K: int, seed: int):
     Xv = torch.cat([torch.randn(1000, d, generator=g), torch.ones(1000, 1)], 1)
     yv = torch.randint(0, K, (1000,), generator=g)
     W = 0.05 * torch.randn(K, d + 1, generator=g)
+    if labels == "teacher":
+        Wt = teacher_scale * torch.randn(K, d, generator=g) / d ** 0.5
+
+        def draw(x: torch.Tensor) -> torch.Tensor:
+            u = torch.rand(x.shape[0], K, generator=g).clamp_min_(1e-12)
+            return torch.argmax(x[:, :d] @ Wt.T - torch.log(-torch.log(u)), dim=1)
+
+        y = torch.cat([draw(X[lo:lo + (1 << 16)]) for lo in range(0, n, 1 << 16)])
+        yv = draw(Xv)
     return X, y, alpha, Xv, yv, W
 
 
@@ -156,7 +188,8 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         K = int(y.max()) + 1
     else:
         K = spec["K"]
-        X, y, alpha, Xv, yv, W = _synthetic(spec["n"], spec["d"], K, spec["seed"])
+        X, y, alpha, Xv, yv, W = _synthetic(spec["n"], spec["d"], K, spec["seed"], spec.get("labels", "random"),
+                                            float(spec.get("teacher_scale", 6.0)))
     n, D = X.shape
     if not spec.get("threads"):
         from reweight.streaming import auto_threads
@@ -196,6 +229,19 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         sec = time.perf_counter() - t
         # useful work: the HVPs, softmax(X W^T) for the Hessian (2nDK) and X V^T for dL/dalpha (2nDK)
         rec("cg", sec, (vag.hvps + 1) * flops, hvps=vag.hvps, rel_residual=vag.rel_residual)
+    if "cg_precond" in ops:  # the CG hypergradient at the optimum, once per preconditioner, no warm start
+        from reweight.head import accuracy, solve_head
+
+        sol = solve_head(obj, alpha, grad_tol=float(spec["cg_tol"]), max_iter=50)
+        row.update(labels=spec["labels"], fit_s=sol.seconds, fit_newton_iters=sol.iters, fit_hvps=sol.hvps,
+                   fit_grad_norm=sol.grad_norm, train_acc=float(accuracy(sol.W, X, y)))
+        for pc in spec["preconds"]:
+            t = time.perf_counter()
+            vag = val_alpha_grad(obj, Xv, yv, sol.W, alpha, method="cg", rtol=float(spec["cg_tol"]), max_iter=500,
+                                 precond=pc)
+            rec(f"cg_{pc}", time.perf_counter() - t, (vag.hvps + 1) * flops, hvps=vag.hvps,
+                rel_residual=vag.rel_residual, precond=vag.extra.get("precond"),
+                precond_setup_s=vag.extra.get("precond_seconds"))
     attr = [o for o in ops if o in ("influence", "loo", "trak")]
     if attr:
         try:
@@ -384,6 +430,10 @@ def plan(cfg: BenchScaleConfig) -> List[Dict[str, Any]]:
     if "store" in cfg.sweeps:
         specs.append(dict(base, sweep="store", source="store", n=30_000 if cfg.quick else 1_000_000, d=d0, K=K0,
                           ops=["hvp", "cg"], store_dir=str(Path(cfg.out_dir) / cfg.name / "_store")))
+    if "precond" in cfg.sweeps:
+        specs += [dict(base, sweep="precond", n=20_000 if cfg.quick else 1_000_000, d=64 if cfg.quick else d0,
+                       K=20 if cfg.quick else K0, labels=lab, teacher_scale=cfg.teacher_scale,
+                       preconds=list(cfg.preconds), ops=["cg_precond"]) for lab in cfg.precond_labels]
     if "n" in cfg.sweeps:  # last: the n = 1e6 configuration is the heaviest
         specs += [dict(base, sweep="n", n=n, d=d0, K=K0, ops=core) for n in ns]
     return specs
@@ -401,6 +451,13 @@ def _summarise(df) -> Dict[str, Any]:
         out["hvp_efficiency_n1e5_d512_K100"] = float(r["hvp_eff"])
         out["hvp_reference_efficiency_n1e5_d512_K100"] = float(r.get("hvp_reference_eff", float("nan")))
         out["matmul_gflops_n1e5_d512_K100"] = float(r["matmul_gflops"])
+    pre = df[df.sweep == "precond"] if "sweep" in df else df.iloc[:0]
+    for _, r in pre.iterrows():
+        hv = {c[3:-5]: int(r[c]) for c in r.index if c.startswith("cg_") and c.endswith("_hvps") and r[c] == r[c]}
+        out.setdefault("precond", {})[str(r["labels"])] = {
+            "n": int(r.n), "d": int(r.d), "K": int(r.K), "hvps": hv, "train_acc": float(r.train_acc),
+            "fewer_hvps_than_none": {k: hv["none"] / max(v, 1) for k, v in hv.items() if "none" in hv and k != "none"},
+            "peak_rss_gib": float(r.peak_rss_mb) / 1024}
     ns = df[df.sweep == "n"].sort_values("n")
     if len(ns) >= 2:
         out["hvp_loglog_slope_in_n"] = _loglog_slope(ns.n, ns.hvp_s)

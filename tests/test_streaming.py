@@ -229,3 +229,25 @@ def test_bench_scale_worker_smoke(tmp_path):
     assert row["cg_hvps"] >= 1 and row["hvp_eff"] > 0 and row["peak_rss_mb"] > 0
     row = measure(dict(base, source="store", n=3000, ops=["hvp", "cg"], store_dir=str(tmp_path / "st")))
     assert row["cg_store_rel_residual"] <= 1e-6 and not (tmp_path / "st").exists()
+
+
+def test_bench_scale_precond_sweep_worker(tmp_path):
+    """The precond sweep fits the head, solves once per preconditioner to the same tolerance, and the teacher's
+    labels are learnable while random ones are not; bad sweep settings are refused before any work."""
+    from experiments.bench_scale import BenchScaleConfig, measure
+    from reweight.config import load_config
+
+    base = {"sweep": "precond", "source": "synthetic", "n": 4000, "d": 8, "K": 4, "repeats": 1, "lam": 0.01,
+            "cg_tol": 1e-6, "seed": 0, "threads": 1, "teacher_scale": 6.0, "preconds": ["none", "kfac", "dense"],
+            "ops": ["cg_precond"]}
+    rows = {lab: measure(dict(base, labels=lab)) for lab in ("random", "teacher")}
+    for r in rows.values():
+        assert r["fit_grad_norm"] <= 1e-6
+        for pc in ("none", "kfac", "dense"):
+            assert r[f"cg_{pc}_rel_residual"] <= 1e-6 and r[f"cg_{pc}_precond"] == pc and r[f"cg_{pc}_hvps"] >= 1
+        assert r["cg_dense_hvps"] <= r["cg_none_hvps"]
+    assert rows["teacher"]["train_acc"] > 0.6 > 0.4 > rows["random"]["train_acc"]
+    for override, match in (("precond_labels=[nope]", "precond_labels"), ("preconds=[fast]", "preconds"),
+                            ("teacher_scale=0", "teacher_scale")):
+        with pytest.raises(ConfigError, match=match):
+            load_config(None, [override], cls=BenchScaleConfig)
