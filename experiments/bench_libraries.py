@@ -49,7 +49,7 @@ from reweight.config import help_field as _f
 from reweight.errors import ConfigError
 
 from .contenders import lbfgs_fit, torchopt_influence
-from .study import Study, shim
+from .study import Study, frame_markdown, shim
 
 __all__ = ["BenchLibrariesConfig", "STUDY", "exact_loo_deltas", "lbfgs_fit", "run_bench", "torchopt_influence"]
 
@@ -268,11 +268,7 @@ def run_bench(cfg: BenchLibrariesConfig, progress: bool = False) -> Dict[str, An
 
 
 def _report(res: Dict[str, Any]) -> str:
-    df = res["table"]
-    try:
-        table = df.to_markdown(index=False, floatfmt=".4g")
-    except ImportError:  # tabulate is optional
-        table = df.to_string(index=False)
+    table = frame_markdown(res["table"])
     if res.get("torchopt") is not None:
         table += "\n\nvs TorchOpt (one thread, interleaved, median CPU seconds):\n" + res["torchopt"].to_string(index=False)
     return f"{table}\n{json.dumps(res['summary'], indent=2, sort_keys=True)}\nrun directory: {res['run_dir']}"

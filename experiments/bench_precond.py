@@ -57,7 +57,7 @@ from reweight.config import help_field as _f
 from reweight.errors import ConfigError
 from reweight.validate import check_choice, check_int, check_number
 
-from .study import Context, Study, shim
+from .study import Context, Study, frame_markdown, shim
 
 __all__ = ["BenchPrecondConfig", "ROUTES", "STUDY", "influence_route", "run_bench"]
 
@@ -222,11 +222,7 @@ def run_bench(cfg: BenchPrecondConfig, progress: bool = False) -> Dict[str, Any]
 
 
 def _report(res: Dict[str, Any]) -> str:
-    df = res["table"]
-    try:
-        table = df.to_markdown(index=False, floatfmt=".4g")
-    except ImportError:  # tabulate is optional
-        table = df.to_string(index=False)
+    table = frame_markdown(res["table"])
     return f"{table}\nrun directory: {res['run_dir']} ({res['summary']['seconds']:.1f}s)"
 
 

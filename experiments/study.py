@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
-__all__ = ["Context", "STUDIES", "Study", "legacy_flags_to_overrides", "load_study", "shim", "table_report"]
+__all__ = ["Context", "STUDIES", "Study", "frame_markdown", "legacy_flags_to_overrides", "load_study", "shim", "table_report"]
 
 #: study name -> module defining ``STUDY`` (imported on use).
 STUDIES: Dict[str, str] = {
@@ -86,6 +86,14 @@ class Study:
     threads_key: Optional[str] = "threads"
     legacy_flags: Mapping[str, str] = field(default_factory=dict)
     description: str = ""
+
+
+def frame_markdown(df: Any) -> str:
+    """A pandas frame as a Markdown table (4 significant digits), plain text when ``tabulate`` is missing."""
+    try:
+        return df.to_markdown(index=False, floatfmt=".4g")
+    except ImportError:  # tabulate is optional
+        return df.to_string(index=False)
 
 
 def table_report(res: Mapping[str, Any]) -> str:
