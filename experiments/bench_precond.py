@@ -32,7 +32,8 @@ Routes (``routes``):
 Every CG route stops at relative residual ``rtol`` (default 1e-10). Timing: process CPU time at one thread,
 ``rounds`` interleaved rounds after a warm-up round (every route once per round, in the listed order), median;
 ``x_torchopt`` is the median of the per-round ratios TorchOpt / route. Accuracy: the largest difference from the
-``exact`` scores relative to their largest magnitude.
+``exact`` scores relative to their largest magnitude, and ``converged`` (the route reached ``rtol``; empty for
+TorchOpt, whose ``solve_cg`` does not report it).
 
 ``dims``: the sweep behind ``reweight.head.DENSE_MAX`` -- the features truncated to their first ``d`` columns plus
 the bias column, ``W^*`` refitted for each ``d``; empty (default) = the full features only. The summary names, per
@@ -48,7 +49,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 
@@ -102,8 +103,9 @@ class BenchPrecondConfig:
 
 
 def influence_route(route: str, inner: Any, Xv: torch.Tensor, yv: torch.Tensor, W: torch.Tensor,
-                    alpha: torch.Tensor, rtol: float) -> Tuple[torch.Tensor, int, str]:
-    r"""All-train influence on the mean validation loss by ``route`` (module docstring): ``(scores, hvps, precond)``.
+                    alpha: torch.Tensor, rtol: float) -> Tuple[torch.Tensor, int, str, Optional[bool]]:
+    r"""All-train influence on the mean validation loss by ``route`` (module docstring):
+    ``(scores, hvps, precond, converged)`` (``converged`` is ``None`` for TorchOpt, whose ``solve_cg`` does not say).
 
     :math:`V = H^{-1}\nabla_W L_{val}(W^*)` by the route, then :math:`\hat\Delta_i = -\alpha_i\,\partial L_{val}/\partial\alpha_i
     = \frac{\alpha_i}{n}g_i^\top Vh_i` (:meth:`reweight.head.HeadObjective.alpha_grad_from_v`; Koh & Liang, ICML 2017).
@@ -115,7 +117,7 @@ def influence_route(route: str, inner: Any, Xv: torch.Tensor, yv: torch.Tensor, 
         from .contenders import torchopt_influence
 
         s, hvps = torchopt_influence(inner.X, inner.y, Xv, yv, inner.lam, W, alpha, rtol=rtol)
-        return s.detach(), int(hvps), "-"
+        return s.detach(), int(hvps), "-", None
     H = inner.hessian(W, alpha)
     g = mean_ce_grad(W, Xv, yv)
     if route == "exact":
@@ -123,7 +125,8 @@ def influence_route(route: str, inner: Any, Xv: torch.Tensor, yv: torch.Tensor, 
     else:
         precond: Any = DensePreconditioner(H, torch.float32) if route == "dense_f32" else route
         sol = H.solve(g, method="cg", rtol=rtol, max_iter=20000, precond=precond)
-    return -alpha * inner.alpha_grad_from_v(W, sol.x, P=H.P), sol.hvps, "-" if route == "exact" else sol.precond
+    return (-alpha * inner.alpha_grad_from_v(W, sol.x, P=H.P), sol.hvps, "-" if route == "exact" else sol.precond,
+            bool(sol.converged))
 
 
 def _truncate(X: torch.Tensor, d: int) -> torch.Tensor:
@@ -137,20 +140,20 @@ def _time_routes(cfg: BenchPrecondConfig, routes: List[str], inner: Any, Xv: tor
     ref = influence_route("exact", inner, Xv, yv, W, alpha, cfg.rtol)[0]
     scale = float(ref.abs().max()) or 1.0
     times: Dict[str, List[float]] = {r: [] for r in routes}
-    info: Dict[str, Tuple[int, str, float]] = {}
+    info: Dict[str, Tuple[int, str, float, Optional[bool]]] = {}
     for rnd in range(cfg.rounds + 1):  # round 0 warms up
         for r in routes:
             t = time.process_time()
-            s, hvps, pc = influence_route(r, inner, Xv, yv, W, alpha, cfg.rtol)
+            s, hvps, pc, ok = influence_route(r, inner, Xv, yv, W, alpha, cfg.rtol)
             dt = time.process_time() - t
             if rnd:
                 times[r].append(dt)
-            info[r] = (hvps, pc, float((s.to(ref.dtype) - ref).abs().max()) / scale)
+            info[r] = (hvps, pc, float((s.to(ref.dtype) - ref).abs().max()) / scale, ok)
     n, D = inner.X.shape
     rows = []
     for r in routes:
         row = {"D": D, "KD": inner.K * D, "route": r, "precond": info[r][1], "cpu_ms_median": 1e3 * statistics.median(times[r]),
-               "cpu_ms_min": 1e3 * min(times[r]), "hvps": info[r][0], "max_rel_diff_vs_exact": info[r][2]}
+               "cpu_ms_min": 1e3 * min(times[r]), "hvps": info[r][0], "max_rel_diff_vs_exact": info[r][2], "converged": info[r][3]}
         if "torchopt" in times and r != "torchopt":
             row["x_torchopt"] = statistics.median(a / b for a, b in zip(times["torchopt"], times[r]))
         rows.append(row)

@@ -141,6 +141,7 @@ def test_bench_precond_routes_agree_with_the_exact_solve(fake_features, tmp_path
     assert sorted(set(df.D)) == [3, 5] and len(df) == 14
     assert (df.max_rel_diff_vs_exact < 1e-7).all()
     assert (df[df.route == "exact"].hvps == 0).all() and (df[df.route == "none"].hvps > 0).all()
+    assert df.converged.all()
     assert set(res["summary"]["first_KD_faster_than_exact"]) == {"auto", "dense", "dense_f32", "kfac", "block_jacobi", "none"}
     # the exact route against an independent answer: Delta_i = (alpha_i / n) g_i^T H^{-1} grad L_val h_i
     fs = fake_features
