@@ -48,7 +48,7 @@ from reweight.config import HeadConfig, RunConfig
 from reweight.config import help_field as _f
 from reweight.errors import ConfigError
 
-from .contenders import lbfgs_fit, torchopt_influence
+from .contenders import interleaved, lbfgs_fit, torchopt_influence
 from .study import Study, frame_markdown, shim
 
 __all__ = ["BenchLibrariesConfig", "STUDY", "exact_loo_deltas", "lbfgs_fit", "run_bench", "torchopt_influence"]
@@ -162,16 +162,8 @@ def _torchopt_rows(inner, W, alpha, Xv, yv, lam: float, rounds: int) -> List[Dic
     torch.set_num_threads(1)
     try:
         for kind, pair in (("solve", (carrot_solve, torchopt_solve)), ("end_to_end", (carrot_e2e, torchopt_e2e))):
-            ts: Dict[str, List[float]] = {"carrot": [], "torchopt": []}
-            info: Dict[str, Any] = {}
-            for r in range(rounds + 1):  # round 0 warms up
-                for name, f in zip(("carrot", "torchopt"), pair):
-                    t = time.process_time()
-                    s, hvps = f()
-                    dt = time.process_time() - t
-                    if r:
-                        ts[name].append(dt)
-                    info[name] = (hvps, float((s - ref).abs().max() / ref.abs().max()))
+            ts, last = interleaved(dict(zip(("carrot", "torchopt"), pair)), rounds)
+            info = {name: (hvps, float((s - ref).abs().max() / ref.abs().max())) for name, (s, hvps) in last.items()}
             ratio = statistics.median(a / b for a, b in zip(ts["torchopt"], ts["carrot"]))
             for name in ("carrot", "torchopt"):
                 rows.append({"kind": kind, "method": name, "cpu_seconds_median": statistics.median(ts[name]),

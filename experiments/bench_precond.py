@@ -44,6 +44,7 @@ Writes ``runs/bench_precond/<name>/results.csv`` (one row per ``d`` and route) a
 
 from __future__ import annotations
 
+import functools
 import os
 import statistics
 import time
@@ -58,6 +59,7 @@ from reweight.config import help_field as _f
 from reweight.errors import ConfigError
 from reweight.validate import check_choice, check_int, check_number
 
+from .contenders import interleaved
 from .study import Context, Study, frame_markdown, shim
 
 __all__ = ["BenchPrecondConfig", "ROUTES", "STUDY", "influence_route", "run_bench"]
@@ -139,17 +141,10 @@ def _time_routes(cfg: BenchPrecondConfig, routes: List[str], inner: Any, Xv: tor
     """Interleaved rounds of every route; one row per route."""
     ref = influence_route("exact", inner, Xv, yv, W, alpha, cfg.rtol)[0]
     scale = float(ref.abs().max()) or 1.0
-    times: Dict[str, List[float]] = {r: [] for r in routes}
-    info: Dict[str, Tuple[int, str, float, Optional[bool]]] = {}
-    for rnd in range(cfg.rounds + 1):  # round 0 warms up
-        for r in routes:
-            t = time.process_time()
-            s, hvps, pc, ok = influence_route(r, inner, Xv, yv, W, alpha, cfg.rtol)
-            dt = time.process_time() - t
-            if rnd:
-                times[r].append(dt)
-            info[r] = (hvps, pc, float((s.to(ref.dtype) - ref).abs().max()) / scale, ok)
-    n, D = inner.X.shape
+    times, last = interleaved({r: functools.partial(influence_route, r, inner, Xv, yv, W, alpha, cfg.rtol)
+                               for r in routes}, cfg.rounds)
+    info = {r: (hvps, pc, float((s.to(ref.dtype) - ref).abs().max()) / scale, ok) for r, (s, hvps, pc, ok) in last.items()}
+    D = inner.X.shape[1]
     rows = []
     for r in routes:
         row = {"D": D, "KD": inner.K * D, "route": r, "precond": info[r][1], "cpu_ms_median": 1e3 * statistics.median(times[r]),

@@ -233,7 +233,8 @@ def measure(spec: Dict[str, Any]) -> Dict[str, Any]:
         from reweight.head import accuracy, solve_head
 
         sol = solve_head(obj, alpha, grad_tol=float(spec["cg_tol"]), max_iter=50)
-        row.update(labels=spec["labels"], fit_s=sol.seconds, fit_newton_iters=sol.iters, fit_hvps=sol.hvps,
+        row.update(labels=spec["labels"], preconds=",".join(spec["preconds"]), fit_s=sol.seconds,
+                   fit_newton_iters=sol.iters, fit_hvps=sol.hvps,
                    fit_grad_norm=sol.grad_norm, train_acc=float(accuracy(sol.W, X, y)))
         for pc in spec["preconds"]:
             t = time.perf_counter()
@@ -453,7 +454,7 @@ def _summarise(df) -> Dict[str, Any]:
         out["matmul_gflops_n1e5_d512_K100"] = float(r["matmul_gflops"])
     pre = df[df.sweep == "precond"] if "sweep" in df else df.iloc[:0]
     for _, r in pre.iterrows():
-        hv = {c[3:-5]: int(r[c]) for c in r.index if c.startswith("cg_") and c.endswith("_hvps") and r[c] == r[c]}
+        hv = {pc: int(r[f"cg_{pc}_hvps"]) for pc in str(r["preconds"]).split(",")}
         out.setdefault("precond", {})[str(r["labels"])] = {
             "n": int(r.n), "d": int(r.d), "K": int(r.K), "hvps": hv, "train_acc": float(r.train_acc),
             "fewer_hvps_than_none": {k: hv["none"] / max(v, 1) for k, v in hv.items() if "none" in hv and k != "none"},

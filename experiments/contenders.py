@@ -10,11 +10,13 @@ another library writes for the same head problem, on the identical objective
 
 from __future__ import annotations
 
+import time
 import warnings
+from typing import Any, Callable, Dict, List, Mapping, Tuple
 
 import torch
 
-__all__ = ["lbfgs_fit", "torchopt_influence"]
+__all__ = ["interleaved", "lbfgs_fit", "torchopt_influence"]
 
 
 def torchopt_influence(X: torch.Tensor, y: torch.Tensor, Xv: torch.Tensor, yv: torch.Tensor, lam: float,
@@ -78,3 +80,21 @@ def lbfgs_fit(X: torch.Tensor, y: torch.Tensor, K: int, lam: float, alpha: torch
 
     opt.step(closure)
     return W.detach()
+
+
+def interleaved(fns: Mapping[str, Callable[[], Any]], rounds: int) -> Tuple[Dict[str, List[float]], Dict[str, Any]]:
+    """The timing protocol of the benchmarks: ``rounds`` rounds after one warm-up round, every function once per round
+    in the given order (so a change of machine load hits all of them alike), process CPU seconds.
+
+    Returns ``(seconds, last)``: the ``rounds`` timings of each name, and each function's last result.
+    """
+    seconds: Dict[str, List[float]] = {k: [] for k in fns}
+    last: Dict[str, Any] = {}
+    for r in range(rounds + 1):  # round 0 warms up
+        for k, f in fns.items():
+            t = time.process_time()
+            last[k] = f()
+            dt = time.process_time() - t
+            if r:
+                seconds[k].append(dt)
+    return seconds, last
